@@ -255,7 +255,7 @@ def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp
     prune = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1, P1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune[:, i1:i2]
+        W1, U1, P1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(W.shape[0], i2 - i1, dtype=torch.bool, device=W.device)
         d = U1.diag()
         Err1 = torch.zeros_like(W1)
         if nm is None:  # the floor(s * count) smallest W^2 / diag(U)^2 of the block
@@ -270,7 +270,7 @@ def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp
             err = (w - q) / d[j]  # (w_j - q_j) / U_jj
             W1[:, j:] -= err[:, None] * U1[j, j:][None]  # OBS update: W[:, j:] -= (w_j - q_j)/U_jj * U_j,j:
             W1[:, j], Err1[:, j] = q, err
-        W[:, i1:i2] = W1
+        W[:, i1:i2], prune[:, i1:i2] = W1, P1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the block's error, propagated to later columns
     weight.copy_(W.to(weight.dtype))
     return ~prune
@@ -302,7 +302,9 @@ def input_statistics(block, x, kwargs, statistic, scale):
 
         hooks.append(lin.register_forward_hook(hook))
     try:
-        run_block(block, x.clone(), kwargs)
+        with torch.no_grad():
+            for i in range(len(x)):
+                block(x[i : i + 1], **kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -363,8 +365,11 @@ def sparsity_delta(s_t):
 
 def gram(x):
     """K = X X^T (n x n) for X = x flattened to one row per sequence, accumulated in float64."""
-    X = x.reshape(len(x), -1)
-    return sum(c.double() @ c.double().T for c in X.split(1 << 20, dim=1)).cpu()
+    X, K = x.reshape(len(x), -1), 0
+    for c in X.split(max(1, (1 << 21) // len(x)), dim=1):  # chunks of 2M elements
+        c = c.double()
+        K = K + c @ c.T
+    return K.cpu()
 
 
 def block_grams(model, x, kwargs):

