@@ -292,18 +292,21 @@ PRUNERS = {
 @torch.no_grad()
 def input_statistics(block, x, kwargs, statistic, scale):
     """Run the block over x with hooks on its projections -> name -> scale * token mean of statistic."""
-    sums, counts, hooks = {}, {}, []
+    sums, counts, hooks, seen = {}, {}, [], {}
     for name, lin in projections(block).items():
 
         def hook(mod, inp, out, name=name):
-            a = inp[0].reshape(-1, inp[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + statistic(a)
-            counts[name] = counts.get(name, 0) + a.shape[0]
+            x_in = inp[0]  # q, k, v (and gate, up) share one input: its statistic is computed once
+            if x_in.data_ptr() not in seen:  # `seen` holds x_in itself, so its address is not reused
+                seen[x_in.data_ptr()] = x_in, statistic(x_in.reshape(-1, x_in.shape[-1]).float())
+            sums[name] = sums.get(name, 0) + seen[x_in.data_ptr()][1]
+            counts[name] = counts.get(name, 0) + x_in[..., 0].numel()
 
         hooks.append(lin.register_forward_hook(hook))
     try:
         with torch.no_grad():
             for i in range(len(x)):
+                seen.clear()
                 block(x[i : i + 1], **kwargs)
     finally:
         for h in hooks:
@@ -428,34 +431,30 @@ def allocate_ranks(errors, mean_rank, r_min=1, r_max=16):
 
 
 class _MaskedLoRA(torch.autograd.Function):
-    """y = x W^T + s xa ((BA) * M)^T without storing BA: the backward forms G = s (g^T xa) * M once.
+    """y = x W^T + s xa ((BA) * M)^T without storing BA: the backward forms G = (g^T xa) * M once.
 
     xa is None when the adapter sees x itself (no dropout): then the forward is one product with
     the folded weight W + s (BA) * M. Otherwise xa = dropout(x) and the adapter is a second product.
+    W is zero wherever M is, so W + s (BA) * M = (W + s BA) * M: one fused addmm and one mask.
     """
 
     @staticmethod
-    def forward(ctx, x, xa, weight, bias, A, B, mask, s):
-        delta = (B @ A) * mask  # (BA) * M
+    def forward(ctx, x, xa, weight, bias, A, B, s):
+        ctx.save_for_backward(x if xa is None else None, xa, weight, A, B)  # the mask is recomputed from W
+        ctx.s, mask = s, weight != 0
         if xa is None:
-            y = F.linear(x, weight + s * delta, bias)  # x (W + s (BA) * M)^T
-        else:
-            y = F.linear(x, weight, bias) + s * F.linear(xa, delta)
-        ctx.save_for_backward(x, xa, weight, A, B, mask)
-        ctx.s = s
-        return y
+            return F.linear(x, torch.addmm(weight, B, A, alpha=s).mul_(mask), bias)  # x (W + s (BA) * M)^T
+        return F.linear(x, weight, bias).add_(F.linear(xa, (B @ A).mul_(mask)), alpha=s)
 
     @staticmethod
     def backward(ctx, gy):
-        x, xa, weight, A, B, mask = ctx.saved_tensors
-        s = ctx.s
-        delta = (B @ A) * mask
-        a = x if xa is None else xa
-        G = s * (gy.reshape(-1, gy.shape[-1]).T @ a.reshape(-1, a.shape[-1])) * mask  # G = s (g^T xa) * M
-        dA, dB = B.T @ G, G @ A.T  # dA = B^T G, dB = G A^T
+        x, xa, weight, A, B = ctx.saved_tensors
+        s, a, mask = ctx.s, x if xa is None else xa, weight != 0
+        G = (gy.reshape(-1, gy.shape[-1]).T @ a.reshape(-1, a.shape[-1])).mul_(mask)  # G / s = (g^T xa) * M
+        dA, dB = s * (B.T @ G), s * (G @ A.T)  # dA = B^T G, dB = G A^T
         if xa is None:
-            return gy @ (weight + s * delta), None, None, None, dA, dB, None, None
-        return gy @ weight, s * (gy @ delta), None, None, dA, dB, None, None
+            return gy @ torch.addmm(weight, B, A, alpha=s).mul_(mask), None, None, None, dA, dB, None
+        return gy @ weight, s * (gy @ (B @ A).mul_(mask)), None, None, dA, dB, None
 
 
 class MaskedLoRALinear(nn.Module):
@@ -479,10 +478,9 @@ class MaskedLoRALinear(nn.Module):
     def forward(self, x):
         if self.rank == 0:
             return self.base(x)
-        W = self.base.weight
         A, B = self.lora_A[: self.rank].to(x.dtype), self.lora_B[:, : self.rank].to(x.dtype)
         xa = self.dropout(x) if self.training and self.dropout.p > 0 else None
-        return _MaskedLoRA.apply(x, xa, W, self.base.bias, A, B, W != 0, self.scaling)
+        return _MaskedLoRA.apply(x, xa, self.base.weight, self.base.bias, A, B, self.scaling)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

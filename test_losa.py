@@ -520,6 +520,26 @@ def test_cli_refuses_to_overwrite_and_stops_on_a_non_finite_loss(tiny_run, capsy
     assert "non-finite loss at step 1, update" in err[-1] and not list(tmp.glob("out*"))
 
 
+
+def test_demo_shortened_on_smollm2(tmp_path, capsys):
+    """`python losa.py` with tiny budgets: exactly as sparse as asked, LoSA below one-shot pruning."""
+    out = tmp_path / "demo"
+    args = ["--steps", "2", "--nsamples", "8", "--seqlen", "128", "--train-samples", "32", "--max-len", "128", "--out", str(out)]
+    assert run_cli(args) == 0
+    report = json.loads((out / "losa_report.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    blocks = model.model.layers
+    assert len(blocks) == 30 and report["settings"]["sparsity"] == 0.7
+    assigned = report["steps"][-1]["layer_sparsity"]["assigned"]
+    zeros = sum((lin.weight == 0).sum().item() for b in blocks for lin in losa.projections(b).values())
+    total = sum(lin.weight.numel() for b in blocks for lin in losa.projections(b).values())
+    assert zeros == sum(int(s * lin.in_features) * lin.out_features for b, s in zip(blocks, assigned) for lin in losa.projections(b).values())
+    assert zeros / total == pytest.approx(report["sparsity"]) and abs(zeros / total - 0.7) < 2e-3
+    ppl = report["ppl"]
+    print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, LoSA {ppl['losa']:.2f}")
+    assert ppl["dense"] < ppl["losa"] < ppl["oneshot"]
+    assert "perplexity on held-back text" in capsys.readouterr().out
+
 # ---------------------------------------------------------------------------------------------
 # eval.py: the harness's prompts, token rules and metrics, against direct computations
 
