@@ -68,7 +68,7 @@ class Settings:
 PAPER = dict(sparsity=0.5, calib="c4", nsamples=128, seqlen=2048, train="alpaca-gpt4", train_samples=10_000,
              max_len=1024, batch_size=4, grad_accum=2, lr=2e-4)
 DEMO = dict(sparsity=0.7, calib="pydoc", nsamples=16, seqlen=256, train="pydoc", train_samples=160,
-            max_len=256, batch_size=4, grad_accum=1, lr=1e-3)
+            max_len=128, batch_size=4, grad_accum=1, lr=1e-3)
 
 # -----------------------------------------------------------------------------------------------
 # data

@@ -533,7 +533,8 @@ def test_demo_shortened_on_smollm2(tmp_path, capsys):
     assigned = report["steps"][-1]["layer_sparsity"]["assigned"]
     zeros = sum((lin.weight == 0).sum().item() for b in blocks for lin in losa.projections(b).values())
     total = sum(lin.weight.numel() for b in blocks for lin in losa.projections(b).values())
-    assert zeros == sum(int(s * lin.in_features) * lin.out_features for b, s in zip(blocks, assigned) for lin in losa.projections(b).values())
+    for b, s in zip(blocks, assigned):  # floor(s_l d_in) pruned in every row (the .gguf weights hold a few zeros of their own)
+        assert all(((lin.weight == 0).sum(1) >= int(s * lin.in_features)).all() for lin in losa.projections(b).values())
     assert zeros / total == pytest.approx(report["sparsity"]) and abs(zeros / total - 0.7) < 2e-3
     ppl = report["ppl"]
     print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, LoSA {ppl['losa']:.2f}")
