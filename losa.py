@@ -797,6 +797,16 @@ def save(model, tokenizer, report, out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def baselines(model, calib_ids, cfg, pad_id, evaluate):
+    """`evaluate()` of the dense model and after one-shot pruning (same pruner, no fine-tuning); model restored."""
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    dense = evaluate()
+    losa(model, calib_ids, [], Settings(**{**asdict(cfg), "steps": 1, "rmi": False, "finetune": False}), pad_id)
+    oneshot = evaluate()
+    model.load_state_dict(original)
+    return dict(dense=dense, oneshot=oneshot)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -824,23 +834,16 @@ def main(argv=None):
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ppl = {}
-    if demo:  # the held-back slice: dense, one-shot pruning (same pruner, no fine-tuning), LoSA
-        window = 512
-        eval_ids = eval_ids[:, : 16 * window]
-        ppl["dense"] = perplexity(model, eval_ids, window)
-        original = {k: v.clone() for k, v in model.state_dict().items()}
-        oneshot = Settings(**{**asdict(cfg), "steps": 1, "rmi": False, "finetune": False})
-        losa(model, calib_ids, [], oneshot, pad_id)
-        ppl["oneshot"] = perplexity(model, eval_ids, window)
-        model.load_state_dict(original)
+    eval_ids, ppl = eval_ids[:, : 16 * 512], {}  # the demo's held-back slice, 512-token windows
+    if demo:
+        ppl = baselines(model, calib_ids, cfg, pad_id, lambda: perplexity(model, eval_ids, 512))
     try:
         steps = losa(model, calib_ids, examples, cfg, pad_id)
     except NonFiniteLoss as e:
         fail(f"{e}; nothing written", code=1)
     sparsity = achieved_sparsity(decoder_layers(model))
     if demo:
-        ppl["losa"] = perplexity(model, eval_ids, window)
+        ppl["losa"] = perplexity(model, eval_ids, 512)
     report = dict(model=path, settings=asdict(cfg), data=dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                   train=args.train, train_examples=len(examples), max_len=args.max_len),
                   steps=steps, sparsity=sparsity, seconds=time.time() - tic, **({"ppl": ppl} if ppl else {}))
