@@ -657,6 +657,69 @@ def losa(model, calib_ids, examples, cfg: Settings, pad_id):
 
 
 # -----------------------------------------------------------------------------------------------
+# the report as a figure (matplotlib, an optional dependency)
+
+
+def run_title(report):
+    """'LoSA on <model>: <pruner>, S = 0.7 (or N:M), T = 5' from a report."""
+    cfg = report["settings"]
+    model = os.path.basename(os.path.normpath(report["model"])).removesuffix(".gguf")
+    target = f"{cfg['nm'][0]}:{cfg['nm'][1]}" if cfg["nm"] else f"S = {cfg['sparsity']}"
+    return f"LoSA on {model}: {cfg['pruner']}, {target}, T = {cfg['steps']}"
+
+
+def plot_losses(ax, steps, colors):
+    """Training loss of every update, the steps one after another, a dashed line between two steps."""
+    u = 0
+    for step, c in zip(steps, colors):
+        losses = step["train_loss"]
+        if u and losses:
+            ax.axvline(u + 0.5, color="gray", ls="--", lw=0.8)
+        if losses:
+            ax.plot(range(u + 1, u + len(losses) + 1), losses, color=c)
+        u += len(losses)
+    if u == 0:
+        ax.text(0.5, 0.5, "no fine-tuning in this run", ha="center", va="center", transform=ax.transAxes)
+    ax.set(xlabel="update (all steps in turn; dashed: next step)", ylabel="training loss")
+
+
+def plot_report(report, path):
+    """A report (losa_report.json) -> four panels, saved as a PNG at `path`; returns the figure.
+
+    Per block, one line per step: layer sparsity (assigned, achieved, S_t), LoRA rank, reconstruction
+    error E_l; then the training loss per update. Raises ImportError without matplotlib."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display
+    from matplotlib.ticker import MaxNLocator
+
+    steps = report["steps"]
+    fig = Figure(figsize=(8, 10.5), layout="constrained")
+    ax_s, ax_r, ax_e, ax_l = fig.subplots(4, 1)
+    colors = [colormaps["viridis"](0.85 * i / max(1, len(steps) - 1)) for i in range(len(steps))]
+    blocks = range(len(steps[0]["ranks"]))
+    for step, c in zip(steps, colors):
+        ax_s.plot(blocks, step["layer_sparsity"]["assigned"], "-", color=c, label=f"step {step['step']}")
+        ax_s.plot(blocks, step["layer_sparsity"]["achieved"], "x", color=c, ms=4)
+        ax_s.axhline(step["target_sparsity"], color=c, ls=":", lw=1)
+        ax_r.plot(blocks, step["ranks"], "o-", color=c, ms=3)
+        ax_e.plot(blocks, step["reconstruction_error"], "-", color=c)
+    ax_s.set(ylabel="layer sparsity", title="line: assigned $s_l$,  x: achieved,  dotted: target $S_t$")
+    ax_s.title.set_fontsize(9)
+    ax_r.set_ylabel("LoRA rank")
+    ax_e.set(xlabel="decoder block", ylabel="reconstruction error $E_l$", yscale="log")
+    for ax in (ax_s, ax_r):
+        ax.sharex(ax_e)
+        ax.tick_params(labelbottom=False)
+    ax_e.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_r.yaxis.set_major_locator(MaxNLocator(integer=True))
+    plot_losses(ax_l, steps, colors)
+    fig.suptitle(run_title(report))
+    fig.legend(*ax_s.get_legend_handles_labels(), loc="outside lower center", ncol=len(steps))
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+# -----------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -711,6 +774,7 @@ def build_parser():
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on GPU, float32 on CPU")
+    a("--plot", metavar="REPORT", help="only redraw the figure of a saved losa_report.json, as a .png beside it")
     return p
 
 
@@ -790,6 +854,10 @@ def save(model, tokenizer, report, out):
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "losa_report.json"), "w") as f:
             json.dump(report, f, indent=1)
+        try:
+            plot_report(report, os.path.join(tmp, "losa_report.png"))
+        except ImportError:
+            print("figure skipped: matplotlib is not installed (optional, only for losa_report.png)")
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -807,8 +875,23 @@ def baselines(model, calib_ids, cfg, pad_id, evaluate):
     return dict(dense=dense, oneshot=oneshot)
 
 
+def redraw(report_path):
+    """--plot: a saved report's figure, written beside it (losa_report.json -> losa_report.png)."""
+    png = os.path.splitext(report_path)[0] + ".png"
+    try:
+        with open(report_path, encoding="utf-8") as f:
+            plot_report(json.load(f), png)
+    except ImportError:
+        fail("--plot needs matplotlib: pip install matplotlib")
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        fail(f"--plot: cannot draw {report_path}: {type(e).__name__}: {e}")
+    print(f"figure written to {png}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.plot is not None:
+        return redraw(args.plot)
     try:
         validate(args)
     except ValueError as e:

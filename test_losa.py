@@ -842,3 +842,79 @@ def test_eval_bad_input_subprocess_has_no_traceback(tmp_path):
                         "--output", str(out)], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"eval.py: error: missing data file {tmp_path}/piqa.jsonl"]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the report as a figure
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_figure_matches(fig, report):
+    """Every line of the four panels against the report's numbers."""
+    ax_s, ax_r, ax_e, ax_l = fig.axes
+    steps = report["steps"]
+    lines = lambda ax, marker, ls: [l for l in ax.lines if l.get_marker() == marker and l.get_linestyle() == ls]
+    ys = lambda ls: [list(l.get_ydata()) for l in ls]
+    blocks = list(range(len(steps[0]["ranks"])))
+    assigned, achieved, targets = lines(ax_s, "None", "-"), lines(ax_s, "x", "None"), lines(ax_s, "None", ":")
+    assert ys(assigned) == [s["layer_sparsity"]["assigned"] for s in steps]
+    assert ys(achieved) == [s["layer_sparsity"]["achieved"] for s in steps]
+    assert ys(targets) == [[s["target_sparsity"]] * 2 for s in steps]
+    assert ys(lines(ax_r, "o", "-")) == [s["ranks"] for s in steps]
+    assert ys(lines(ax_e, "None", "-")) == [s["reconstruction_error"] for s in steps] and ax_e.get_yscale() == "log"
+    assert all(list(l.get_xdata()) == blocks for l in assigned + achieved + ax_r.lines + ax_e.lines)
+    assert all(ax.get_shared_x_axes().joined(ax, ax_e) for ax in (ax_s, ax_r))
+    losses = [v for s in steps for v in s["train_loss"]]
+    curves = lines(ax_l, "None", "-")
+    assert [v for l in curves for v in l.get_ydata()] == losses
+    assert [x for l in curves for x in l.get_xdata()] == list(range(1, len(losses) + 1))
+    ends = [sum(len(s["train_loss"]) for s in steps[: t + 1]) for t in range(len(steps) - 1)]
+    assert [l.get_xdata()[0] for l in lines(ax_l, "None", "--")] == [e + 0.5 for e in ends if 0 < e < len(losses)]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [f"step {s['step']}" for s in steps]
+    assert all(ax.get_xlabel() and ax.get_ylabel() for ax in (ax_e, ax_l)) and all(ax.get_ylabel() for ax in fig.axes)
+
+
+def test_the_figure_carries_the_reports_values(tiny_run, capsys):
+    tmp, base = tiny_run
+    for name, extra, words in (("unstructured", ["--sparsity", "0.5"], "wanda, S = 0.5, T = 2"),
+                               ("nm", ["--pruner", "sparsegpt", "--pattern", "2:4", "--no-finetune"], "sparsegpt, 2:4, T = 2")):
+        out = tmp / name
+        assert run_cli(base + extra + ["--out", str(out)]) == 0
+        report, png = json.loads((out / "losa_report.json").read_text()), out / "losa_report.png"
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and int.from_bytes(data[16:20], "big") == 880  # IHDR width: 8 in at 110 dpi
+        fig = losa.plot_report(report, tmp / f"{name}.png")
+        assert (tmp / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+        assert_figure_matches(fig, report)
+        assert fig.get_suptitle() == f"LoSA on model: {words}"
+    assert len(report["steps"][0]["train_loss"]) == 0 and "no fine-tuning" in fig.axes[3].texts[0].get_text()
+    png.unlink()
+    capsys.readouterr()
+    assert run_cli(["--plot", str(out / "losa_report.json")]) == 0  # the redraw entry point
+    assert png.read_bytes()[:8] == PNG_MAGIC and capsys.readouterr().out.strip() == f"figure written to {png}"
+
+
+def test_without_matplotlib_a_run_skips_only_the_figure(tiny_run, capsys, monkeypatch):
+    tmp, base = tiny_run
+    for name in ["matplotlib"] + [m for m in sys.modules if m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now raises ImportError
+    out = tmp / "out"
+    assert run_cli(base + ["--out", str(out)]) == 0
+    said = [l for l in capsys.readouterr().out.splitlines() if l.startswith("figure") or "skipped" in l]
+    assert said == ["figure skipped: matplotlib is not installed (optional, only for losa_report.png)"]
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "losa_report.json"} <= names
+    assert "losa_report.png" not in names and not list(tmp.glob("out.tmp-*"))
+    assert len(json.loads((out / "losa_report.json").read_text())["steps"]) == 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+    capsys.readouterr()  # transformers' loading bar
+    bad = tmp / "bad.json"
+    bad.write_text('{"steps": []}')
+    for report, words in ((out / "losa_report.json", "needs matplotlib"), (tmp / "missing.json", "cannot draw"), (bad, "cannot draw")):
+        if words == "cannot draw":
+            monkeypatch.undo()
+        assert run_cli(["--plot", str(report)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("losa.py: error: --plot") and words in err[0]
+    assert not list(tmp.glob("*.png")) and not list(out.glob("*.png"))
