@@ -918,3 +918,30 @@ def test_without_matplotlib_a_run_skips_only_the_figure(tiny_run, capsys, monkey
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("losa.py: error: --plot") and words in err[0]
     assert not list(tmp.glob("*.png")) and not list(out.glob("*.png"))
+
+# sparse execution of the projections (bench.py --inference)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparse_projections_give_the_dense_logits_and_hold_exactly_the_non_zeros(nm):
+    import bench
+    model = tiny_llama(layers=2, vocab=512)
+    with torch.no_grad():
+        for block in losa.decoder_layers(model):
+            for lin in losa.projections(block).values():
+                lin.weight.mul_(losa.wanda_mask(lin.weight, torch.rand(lin.in_features) + 0.5, 0.7, nm))
+    ids = torch.randint(512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    for kernel in ("linear", "mm"):
+        sparse = bench.sparse_model(model, kernel)
+        for block, sblock in zip(losa.decoder_layers(model), losa.decoder_layers(sparse)):
+            for name, lin in losa.projections(block).items():
+                W, S = lin.weight, sblock.get_submodule(name).weight
+                assert bench.is_2_4(W) == (nm is not None)
+                assert S.layout == torch.sparse_csr and S.col_indices().dtype == S.crow_indices().dtype == torch.int32
+                assert S.values().numel() == int((W != 0).sum()) and bool((S.values() != 0).all())
+                assert torch.equal(S.to_dense(), W)
+        with torch.no_grad():
+            out = sparse(ids).logits
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
