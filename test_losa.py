@@ -167,7 +167,9 @@ def test_wanda_mask_keeps_the_top_scores_of_every_row():
 
 
 def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
-    """SparseGPT written plainly in float64: every OBS update applied to all later columns at once."""
+    """SparseGPT written plainly in float64: every OBS update applied to all later columns at once.
+    Unstructured masks follow the reference code: in each block of columns, score = W^2 / diag(U)^2,
+    thresh = sorted(scores)[floor(s * count)], every score <= thresh is pruned (none at s = 0)."""
     W, H = W.double().clone(), H.double().clone()
     d = W.shape[1]
     dead = torch.diag(H) == 0
@@ -177,13 +179,11 @@ def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
     U = torch.linalg.cholesky(torch.linalg.inv(H)).T  # upper factor of H^-1
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for j in range(d):
-        if nm is None and j % blocksize == 0:
+        if nm is None and j % blocksize == 0 and sparsity > 0:
             blk = slice(j, min(j + blocksize, d))
-            score = (W[:, blk] ** 2 / torch.diag(U)[blk] ** 2).flatten()
-            idx = score.argsort(stable=True)[: int(score.numel() * sparsity)]
-            m = torch.zeros_like(score, dtype=torch.bool)
-            m[idx] = True
-            pruned[:, blk] = m.view(W.shape[0], -1)
+            score = W[:, blk] ** 2 / torch.diag(U)[blk] ** 2
+            thresh = sorted(score.flatten().tolist())[int(score.numel() * sparsity)]
+            pruned[:, blk] = score <= thresh
         if nm is not None and j % nm[1] == 0:
             score = W[:, j : j + nm[1]] ** 2 / torch.diag(U)[j : j + nm[1]] ** 2
             for r in range(W.shape[0]):
@@ -194,25 +194,82 @@ def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
     return W, ~pruned
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_sparsegpt_matches_a_float64_recomputation(nm):
-    torch.manual_seed(0)
-    X = correlated_inputs(512, 160)
+def reference_counts(rows, cols, sparsity, blocksize=128):
+    """Weights the reference rule prunes without ties: floor(s * count) + 1 per block of columns, none at s = 0."""
+    return sum(int(rows * min(blocksize, cols - i) * sparsity) + 1 for i in range(0, cols, blocksize)) if sparsity > 0 else 0
+
+
+def dead_input_hessian(dtype=torch.float32):
+    X = correlated_inputs(512, 160).to(dtype)
     H = 2 * X.T @ X / len(X)
     H[:, 7] = H[7, :] = 0  # a dead input
-    W = torch.randn(24, 160)
+    return H
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_equals_the_reference_rule_in_float64(nm):
+    torch.manual_seed(0)
+    H, W = dead_input_hessian(torch.float64), torch.randn(24, 160, dtype=torch.float64)
+    for s in (0.0, 0.3, 0.6):
+        ref, ref_keep = sparsegpt_float64(W, H, s, nm, blocksize=64)
+        got = W.clone()
+        keep, damp = losa.sparsegpt_prune_(got, H, s, nm, blocksize=64)
+        assert damp == 0.01 and torch.equal(keep, ref_keep)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
+        if nm:
+            assert ((got != 0).view(24, -1, 4).sum(-1) <= 2).all()
+        else:  # floor(s * count) + 1 per block (the dead input's zeros are among them)
+            assert (got == 0).sum().item() == (reference_counts(24, 160, s, 64) if s else 24)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_in_float32_stays_close_to_float64(nm):
+    torch.manual_seed(0)
+    H, W = dead_input_hessian(), torch.randn(24, 160)
     ref, ref_keep = sparsegpt_float64(W, H, 0.6, nm, blocksize=64)
     got = W.clone()
-    keep = losa.sparsegpt_prune_(got, H, 0.6, nm, blocksize=64)
-    assert (keep == ref_keep).float().mean() > 0.995  # float32 may flip a near-tie
+    keep, _ = losa.sparsegpt_prune_(got, H, 0.6, nm, blocksize=64)
+    assert got.dtype == torch.float32 and (keep == ref_keep).float().mean() > 0.995  # float32 may flip a near-tie
     agree = (keep == ref_keep).all(1)
     assert agree.sum() >= 20
     torch.testing.assert_close(got[agree].double(), ref[agree], rtol=1e-3, atol=1e-3)
     assert torch.equal(got == 0, ~keep | (W == 0) | torch.zeros_like(keep).index_fill_(1, torch.tensor([7]), True))
-    if nm:
-        assert ((got != 0).view(24, -1, 4).sum(-1) <= 2).all()
-    else:
-        assert (got == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+
+
+def rank_deficient_hessian(tokens, d, duplicate=False, seed=0):
+    """H = (2/n) X^T X from `tokens` tokens (rank <= tokens), optionally every input duplicated."""
+    X = correlated_inputs(tokens, d // 2 if duplicate else d, seed)
+    X = torch.cat([X, X], 1) if duplicate else X
+    return 2 * X.T @ X / tokens
+
+
+def test_sparsegpt_damps_a_singular_or_indefinite_hessian_until_it_factors():
+    torch.manual_seed(0)
+    W = torch.randn(32, 64)
+    cases = {  # (H, percdamp asked, damping that must be used)
+        "4 tokens for 64 inputs, no damping": (rank_deficient_hessian(4, 64), 0.0, 0.01),
+        "duplicated inputs, no damping": (rank_deficient_hessian(512, 64, duplicate=True), 0.0, 0.01),
+        "indefinite": (rank_deficient_hessian(16, 64) - 0.05 * rank_deficient_hessian(16, 64).diag().mean() * torch.eye(64), 0.01, 0.1),
+    }
+    for name, (H, percdamp, expect) in cases.items():
+        assert torch.linalg.cholesky_ex(H + percdamp * H.diag().mean() * torch.eye(64)).info != 0, name  # needs more damping
+        for nm in (None, (2, 4)):
+            got = W.clone()
+            keep, damp = losa.sparsegpt_prune_(got, H, 0.5, nm, percdamp=percdamp)
+            assert damp == expect and got.isfinite().all(), name
+            assert torch.equal(got == 0, ~keep)
+            if nm:
+                assert ((got != 0).view(32, -1, 4).sum(-1) == 2).all()
+            else:
+                assert (~keep).sum().item() == reference_counts(32, 64, 0.5)
+
+
+def test_sparsegpt_stops_on_a_hessian_no_damping_fixes():
+    W = torch.randn(8, 16)
+    got = W.clone()
+    with pytest.raises(losa.IllConditionedHessian, match="up to relative damping 10"):
+        losa.sparsegpt_prune_(got, torch.full((16, 16), float("nan")), 0.5)
+    assert torch.equal(got, W)  # nothing written
 
 
 def test_sparsegpt_reconstructs_better_than_wanda():
@@ -267,11 +324,29 @@ def test_pruning_pass_sparsity_and_errors(pruner):
                 expect = int(lin.in_features * s_l[l])
                 if pruner == "wanda":  # exactly floor(s * d_in) in every row
                     assert (zeros == expect).all()
-                else:  # floor(s * count) per block of 128 columns
-                    assert zeros.item() == sum(int(lin.out_features * min(128, lin.in_features - i) * s_l[l]) for i in range(0, lin.in_features, 128))
+                else:  # the reference rule: floor(s * count) + 1 per block of 128 columns (no ties in random weights)
+                    assert zeros.item() == reference_counts(lin.out_features, lin.in_features, s_l[l])
     assert errors[0.0] == [0.0] * 4
     assert all(a < b for a, b in zip(errors[0.3], errors[0.6]))
     assert all(0 < e for e in errors[0.3])
+
+
+def test_pruning_pass_reports_the_damping_each_projection_needed(monkeypatch):
+    """16 calibration tokens give every projection a rank-16 H; minus 0.05 mean(diag H) I it is
+    indefinite, so SparseGPT needs relative damping 0.1 instead of 0.01 everywhere."""
+    statistic, scale, prune_ = losa.PRUNERS["sparsegpt"]
+    indefinite = lambda x: statistic(x) - 0.05 * (x * x).sum() / x.shape[1] * torch.eye(x.shape[1])
+    monkeypatch.setitem(losa.PRUNERS, "sparsegpt", (indefinite, scale, prune_))
+    model = tiny_llama()
+    x, kw = calibration(model, n=1, seqlen=16)
+    damping = []
+    losa.prune_blocks(model, x, kw, [0.5] * 4, "sparsegpt", None, losa.dense_weights(model), damping)
+    names = list(losa.projections(losa.decoder_layers(model)[0]))
+    assert damping == [{name: 0.1 for name in names}] * 4
+    for block in losa.decoder_layers(model):
+        for lin in losa.projections(block).values():
+            assert lin.weight.isfinite().all()
+            assert (lin.weight == 0).sum().item() == reference_counts(lin.out_features, lin.in_features, 0.5)
 
 
 def test_a_model_without_decoder_blocks_is_refused():
@@ -468,6 +543,9 @@ def test_cli_end_to_end_on_a_tiny_llama(tiny_run, extra):
             assert key in step
         assert set(step["layer_sparsity"]) == {"assigned", "achieved"} and len(step["ranks"]) == 4
         assert len(step["train_loss"]) == 2 and all(math.isfinite(v) for v in step["train_loss"])
+        if "sparsegpt" in extra:  # the relative damping of every block and projection
+            assert step["damping"] == [{n: 0.01 for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}] * 4
     ws = [lin.weight for block in models[0].model.layers for lin in losa.projections(block).values()]
     assert len(ws) == 7 * 4
     sparsity = sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
@@ -519,6 +597,22 @@ def test_cli_refuses_to_overwrite_and_stops_on_a_non_finite_loss(tiny_run, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert "non-finite loss at step 1, update" in err[-1] and not list(tmp.glob("out*"))
 
+
+
+def test_cli_stops_on_a_hessian_no_damping_fixes(tiny_run, capsys):
+    """A NaN in block 0's MLP norm makes gate_proj's H NaN: one line naming block and projection, exit 2."""
+    tmp, base = tiny_run
+    model_dir = base[base.index("--model") + 1]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[3] = float("nan")
+    model.save_pretrained(model_dir)
+    out = tmp / "out"
+    assert run_cli(base + ["--pruner", "sparsegpt", "--no-rmi", "--out", str(out)]) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.startswith("losa.py")]
+    assert len(err) == 1 and err[0].startswith("losa.py: error: sparsegpt: block 0, mlp.gate_proj:")
+    assert "damping" in err[0] and err[0].endswith("nothing written")
+    assert not list(tmp.glob("out*"))
 
 
 def test_demo_shortened_on_smollm2(tmp_path, capsys):
