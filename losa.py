@@ -134,17 +134,16 @@ def sample_windows(docs, tokenizer, nsamples, seqlen, seed):
 def calibration_docs(calib):
     if calib != "c4":
         return read_texts(calib)
-    from datasets import load_dataset
+    from eval import hub_rows  # the one table of Hub datasets (id, config, split, fields)
 
-    c4 = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
-    return c4["text"]
+    return list(hub_rows("c4")["text"])
 
 
 def training_texts(train, n):
     if train == "alpaca-gpt4":
-        from datasets import load_dataset
+        from eval import hub_rows
 
-        return load_dataset("vicgalle/alpaca-gpt4", split="train")["text"][:n]
+        return list(hub_rows("alpaca-gpt4")["text"][:n])
     return read_texts(train)[:n]
 
 

@@ -719,6 +719,102 @@ def tiny(tokenizer, tmp_path_factory):
 
 
 # -----------------------------------------------------------------------------
+# Hub datasets: every load_dataset call of the project, against copies laid out like the Hub repositories
+
+def hub_layouts():
+    """name -> (file inside the repository, its rows, datasets.Features as on the Hub card or None for json)."""
+    from datasets import ClassLabel, Features, List, Value
+    S = Value("string")
+    choices = {"text": List(S), "label": List(S)}  # the Hub's sequence of {text, label}: a struct of two lists
+    arc = Features(id=S, question=S, choices=choices, answerKey=S)
+    calib, train, _ = losa.pydoc_slices()
+    alpaca = [{"instruction": f"Explain part {i}.", "input": "", "output": train[300 * i : 300 * i + 200]} for i in range(3)]
+    return {
+        "boolq": ("boolq/validation-00000-of-00001.parquet", DOCS["boolq"],
+                  Features(question=S, passage=S, idx=Value("int32"), label=ClassLabel(names=["False", "True"]))),
+        "piqa": ("data/validation-00000-of-00001.parquet", DOCS["piqa"], Features(goal=S, sol1=S, sol2=S, label=Value("int64"))),
+        "hellaswag": ("data/validation-00000-of-00001.parquet", DOCS["hellaswag"],
+                      Features(ind=Value("int32"), activity_label=S, ctx_a=S, ctx_b=S, endings=List(S), label=S)),
+        "winogrande": ("winogrande_xl/validation-00000-of-00001.parquet", DOCS["winogrande"],
+                       Features(sentence=S, option1=S, option2=S, answer=S)),
+        "arc_easy": ("ARC-Easy/test-00000-of-00001.parquet", DOCS["arc_easy"], arc),
+        "arc_challenge": ("ARC-Challenge/test-00000-of-00001.parquet", DOCS["arc_challenge"], arc),
+        "openbookqa": ("main/test-00000-of-00001.parquet", DOCS["openbookqa"],
+                       Features(id=S, question_stem=S, choices=choices, answerKey=S)),
+        "wikitext2": ("wikitext-2-raw-v1/test-00000-of-00001.parquet",
+                      [{"text": t} for t in ["", " = Assignment = ", ""] + topics["assignment"][:3000].split("\n\n")], Features(text=S)),
+        "alpaca-gpt4": ("data/train-00000-of-00001-6ef3991c06080e14.parquet",
+                        [{**r, "text": losa.ALPACA[False].format(**r)} for r in alpaca],
+                        Features(instruction=S, input=S, output=S, text=S)),
+        "c4": ("en/c4-train.00000-of-01024.json.gz",
+               [{"text": calib[i : i + 1500], "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.org/{i}"}
+                for i in range(0, 6000, 1500)], None),
+    }
+
+
+@pytest.fixture
+def hub_copy(tmp_path, monkeypatch):
+    """Each repository as a folder: data files under the config's folder, and where the Hub repository
+    has several configs, a README.md whose YAML `configs:` maps each config to its files. Only the
+    split the project uses is there, so a wrong id, config, split, field or type cannot load."""
+    import gzip
+    from datasets import Dataset
+    root, cards = tmp_path / "hub", {}
+    for name, (path, rows, features) in hub_layouts().items():
+        hub = ev.DATASETS[name]
+        f = root / hub.id / path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if features is None:
+            with gzip.open(f, "wt") as out:
+                out.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            Dataset.from_list(rows, features=features).to_parquet(str(f))
+        if "/" in path and not path.startswith(("data/", "en/")) or name == "hellaswag":
+            cards.setdefault(hub.id, []).append(f"- config_name: {hub.config or 'default'}\n  data_files:\n"
+                                                f"  - split: {hub.split}\n    path: {os.path.dirname(path)}/{hub.split}-*\n")
+    others = {"aps/super_glue": "cb", "allenai/winogrande": "winogrande_debiased", "allenai/openbookqa": "additional",
+              "Salesforce/wikitext": "wikitext-103-raw-v1"}  # more configs of the same repositories (their files left out)
+    for repo, config in others.items():
+        cards[repo].append(f"- config_name: {config}\n  data_files:\n  - split: test\n    path: {config}/test-*\n")
+    for repo, configs in cards.items():
+        (root / repo / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    monkeypatch.setattr(ev, "hub_source", lambda repo_id: str(root / repo_id))
+    return root
+
+
+def test_every_hub_dataset_loads_with_its_id_config_split_and_fields(hub_copy):
+    layouts = hub_layouts()
+    for task in ev.TASKS:
+        docs = ev.load_docs(task)
+        assert docs == DOCS[task], task  # same values and types: string labels, nested choices, int labels
+        assert [ev.build_requests(task, d) for d in docs] == [ev.build_requests(task, d) for d in DOCS[task]]
+    assert ev.load_wikitext() == "\n\n".join(r["text"] for r in layouts["wikitext2"][1])
+    assert losa.calibration_docs("c4") == [r["text"] for r in layouts["c4"][1]]
+    assert losa.training_texts("alpaca-gpt4", 2) == [r["text"] for r in layouts["alpaca-gpt4"][1][:2]]
+
+
+@pytest.mark.parametrize("change", [dict(config="winogrande_debiased"), dict(config=None), dict(split="test"),
+                                    dict(fields=["sentence", "option1", "option2", "label"]), dict(id="winogrande")])
+def test_a_wrong_hub_entry_does_not_load(hub_copy, monkeypatch, change):
+    monkeypatch.setitem(ev.DATASETS, "winogrande", ev.DATASETS["winogrande"]._replace(**change))
+    with pytest.raises(Exception):
+        ev.hub_rows("winogrande")
+
+
+def test_the_clis_default_data_come_from_the_hub_table(hub_copy, tiny_run, tiny, capsys):
+    tmp, base = tiny_run
+    out = tmp / "eval.json"
+    ev.main(["--model", tiny[1], "--tasks", "wikitext2,winogrande,arc_easy,boolq", "--seqlen", "16", "--output", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert res["winogrande"]["n"] == res["arc_easy"]["n"] == res["boolq"]["n"] == 3 and res["wikitext2"]["windows"] > 0
+    args = base[:]
+    args[args.index("--calib") + 1], args[args.index("--train") + 1] = "c4", "alpaca-gpt4"
+    assert run_cli(args + ["--train-samples", "3", "--out", str(tmp / "out")]) == 0
+    report = json.loads((tmp / "out" / "losa_report.json").read_text())
+    assert report["data"]["calib"] == "c4" and report["data"]["train_examples"] == 3
+
+
+# -----------------------------------------------------------------------------
 # golden prompts
 
 def test_eval_boolq_prompt():
