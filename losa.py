@@ -495,6 +495,16 @@ class _MaskedLoRA(torch.autograd.Function):
         return gy @ weight, s * (gy @ (B @ A).mul_(mask)), None, None, dA, dB, None
 
 
+def add_keeping_zeros(W, d):
+    """W + d, rounded once to W's dtype, with the zero pattern of W: d is zero where W is, and a weight
+    that is not zero stays so. In bf16 W + d rounds or cancels to exactly 0 far more often than in float32
+    (a kept weight equal to -d in 8 bits), which would silently prune it (M = 1[W != 0]) and break the
+    exact per-row count; such a weight gets the smallest normal magnitude, with the sign of W."""
+    out = (W.to(d.dtype) + d).to(W.dtype)
+    lost = (out == 0) & (W != 0)
+    return torch.where(lost, torch.finfo(W.dtype).tiny * W.sign(), out) if lost.any() else out
+
+
 class MaskedLoRALinear(nn.Module):
     """base(x) + s dropout(x) ((B[:, :r] A[:r]) * M)^T with M = 1[W != 0]; merges into an equally sparse W."""
 
@@ -509,9 +519,9 @@ class MaskedLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def delta(self):
-        """s (B[:, :r] A[:r]) * M, the masked update in the base weight's dtype."""
+        """s (B[:, :r] A[:r]) * M, the masked update, in float32 (or the LoRA's own dtype if wider)."""
         W = self.base.weight
-        return (self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]) * (W != 0)).to(W.dtype)
+        return self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]).float() * (W != 0)
 
     def forward(self, x):
         if self.rank == 0:
@@ -524,7 +534,7 @@ class MaskedLoRALinear(nn.Module):
     def merge(self) -> nn.Linear:
         merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
         merged = merged.to(self.base.weight.device, self.base.weight.dtype)
-        merged.weight.copy_(self.base.weight + self.delta())  # W + s (BA) * M
+        merged.weight.copy_(add_keeping_zeros(self.base.weight, self.delta()))  # W + s (BA) * M
         if merged.bias is not None:
             merged.bias.copy_(self.base.bias)
         if not torch.equal(merged.weight != 0, self.base.weight != 0):
@@ -547,7 +557,7 @@ def add_lora(model, r_max, alpha, dropout):
 @torch.no_grad()
 def merge_(mods, sign=1):
     for m in mods:
-        m.base.weight.add_(sign * m.delta())  # W <- W +/- s (B[:, :r] A[:r]) * M
+        m.base.weight.copy_(add_keeping_zeros(m.base.weight, sign * m.delta()))  # W <- W +/- s (B[:, :r] A[:r]) * M
 
 
 @contextmanager

@@ -367,11 +367,19 @@ def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
         losa.losa(model, calib, [], cfg, tok.eos_token_id)
         sparsity = losa.achieved_sparsity(losa.decoder_layers(model))
         pruned = ev.perplexity(model, eval_ids, 512)
-    finally:
         model.load_state_dict(original)
-    print(f"\nSmolLM2-135M, held-back Python docs, 8 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f}")
+        model.to(torch.bfloat16)  # the same run in bf16, the default on GPU
+        losa.losa(model, calib, [], cfg, tok.eos_token_id)
+        rows_bf16 = [(lin.weight == 0).sum(1) for b in losa.decoder_layers(model) for lin in losa.projections(b).values()]
+        pruned_bf16 = ev.perplexity(model, eval_ids, 512)
+    finally:
+        model.to(torch.float32)
+        model.load_state_dict(original)
+    print(f"\nSmolLM2-135M, held-back Python docs, 8 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f} (fp32), {pruned_bf16:.2f} (bf16)")
     assert sparsity == pytest.approx(0.5, abs=1e-3)
     assert 5 < dense < 30 and dense < pruned < 2.5 * dense
+    assert all((z >= w.shape[1] // 2).all() for z, w in zip(rows_bf16, [l.weight for b in losa.decoder_layers(model) for l in losa.projections(b).values()]))
+    assert pruned_bf16 == pytest.approx(pruned, rel=0.02)
 
 
 PEAK_SCRIPT = r"""
@@ -613,6 +621,34 @@ def test_cli_stops_on_a_hessian_no_damping_fixes(tiny_run, capsys):
     assert len(err) == 1 and err[0].startswith("losa.py: error: sparsegpt: block 0, mlp.gate_proj:")
     assert "damping" in err[0] and err[0].endswith("nothing written")
     assert not list(tmp.glob("out*"))
+
+
+def test_add_keeping_zeros_never_creates_or_fills_a_zero():
+    torch.manual_seed(0)
+    W = (torch.randn(16, 32) * (torch.rand(16, 32) > 0.5)).to(torch.bfloat16)
+    d = torch.randn(16, 32) * 0.1 * (W != 0)
+    d[0, W[0] != 0] = -W[0, W[0] != 0].float()  # cancels exactly: W + d = 0 for every kept weight of row 0
+    out = losa.add_keeping_zeros(W, d)
+    assert out.dtype == torch.bfloat16 and torch.equal(out == 0, W == 0)
+    assert torch.equal(out[1:], (W[1:].float() + d[1:]).to(torch.bfloat16))  # one rounding of the float32 sum
+    assert torch.equal(out[0][W[0] != 0], torch.finfo(torch.bfloat16).tiny * W[0][W[0] != 0].sign())
+
+
+def test_cli_in_bfloat16_keeps_exact_sparsity_through_merges(tiny_run):
+    """--dtype bfloat16 on CPU: with lr 1e-2 the LoRA grows to the size of the weights, where W + s(BA)M
+    rounds to exactly 0 for some kept weights in bf16; the pattern and the per-row counts must hold."""
+    tmp, base = tiny_run
+    out = tmp / "out"
+    assert run_cli(base + ["--dtype", "bfloat16", "--steps", "3", "--train-samples", "24", "--lr", "1e-2", "--out", str(out)]) == 0
+    report = json.loads((out / "losa_report.json").read_text())
+    assert all(math.isfinite(v) for step in report["steps"] for v in step["train_loss"])
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    for step, block in zip(report["steps"][-1]["layer_sparsity"]["assigned"], model.model.layers):
+        for lin in losa.projections(block).values():
+            assert lin.weight.dtype == torch.bfloat16 and lin.weight.isfinite().all()
+            assert ((lin.weight == 0).sum(1) == int(step * lin.in_features)).all()  # floor(s_l d_in) in every row
+    assert sum(s > 0 for s in report["steps"][-1]["layer_sparsity"]["achieved"]) == 4
 
 
 def test_demo_shortened_on_smollm2(tmp_path, capsys):
