@@ -18,23 +18,30 @@ import math
 import os
 import re
 import sys
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# task -> (Hub dataset, config, evaluated split, fields a document must have)
-TASKS = {
-    "boolq": ("aps/super_glue", "boolq", "validation", ["passage", "question", "label"]),
-    "piqa": ("baber/piqa", None, "validation", ["goal", "sol1", "sol2", "label"]),
-    "hellaswag": ("Rowan/hellaswag", None, "validation", ["activity_label", "ctx_a", "ctx_b", "endings", "label"]),
-    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation", ["sentence", "option1", "option2", "answer"]),
-    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test", ["question", "choices.text", "choices.label", "answerKey"]),
-    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test", ["question", "choices.text", "choices.label", "answerKey"]),
-    "openbookqa": ("allenai/openbookqa", "main", "test", ["question_stem", "choices.text", "choices.label", "answerKey"]),
+# every Hub dataset the project loads: (Hub id, config, split used, fields a row must have, data_files)
+Hub = namedtuple("Hub", "id config split fields files", defaults=(None,))
+TASKS = {  # the seven zero-shot tasks, at their evaluated split
+    "boolq": Hub("aps/super_glue", "boolq", "validation", ["passage", "question", "label"]),
+    "piqa": Hub("baber/piqa", None, "validation", ["goal", "sol1", "sol2", "label"]),
+    "hellaswag": Hub("Rowan/hellaswag", None, "validation", ["activity_label", "ctx_a", "ctx_b", "endings", "label"]),
+    "winogrande": Hub("allenai/winogrande", "winogrande_xl", "validation", ["sentence", "option1", "option2", "answer"]),
+    "arc_easy": Hub("allenai/ai2_arc", "ARC-Easy", "test", ["question", "choices.text", "choices.label", "answerKey"]),
+    "arc_challenge": Hub("allenai/ai2_arc", "ARC-Challenge", "test", ["question", "choices.text", "choices.label", "answerKey"]),
+    "openbookqa": Hub("allenai/openbookqa", "main", "test", ["question_stem", "choices.text", "choices.label", "answerKey"]),
+}
+DATASETS = {
+    **TASKS,
+    "wikitext2": Hub("Salesforce/wikitext", "wikitext-2-raw-v1", "test", ["text"]),
+    "c4": Hub("allenai/c4", None, "train", ["text"], "en/c4-train.00000-of-01024.json.gz"),  # calibration (losa.py)
+    "alpaca-gpt4": Hub("vicgalle/alpaca-gpt4", None, "train", ["text"]),  # fine-tuning (losa.py)
 }
 NO_ACC_NORM = {"boolq", "winogrande"}  # choices score the same tokens (winogrande) or have no text worth normalising
-WIKITEXT = ("wikitext", "wikitext-2-raw-v1", "test")
 COLUMNS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
            "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "openbookqa": "OBQA"}
 
@@ -199,7 +206,7 @@ def read_jsonl(path):
 
 def check_fields(task, docs, where):
     for i, doc in enumerate(docs):
-        for field in TASKS[task][3]:
+        for field in TASKS[task].fields:
             value = doc
             for key in field.split("."):  # "choices.text" is a field inside "choices"
                 if not isinstance(value, dict) or key not in value:
@@ -209,15 +216,30 @@ def check_fields(task, docs, where):
             raise ValueError(f"{task}: document {i} of {where} has no '_' in field 'sentence'")
 
 
+def hub_source(repo_id):
+    """What `datasets.load_dataset` is given for a Hub repository (a test points it at a local copy)."""
+    return repo_id
+
+
+def hub_rows(name):
+    """The rows of DATASETS[name], through `datasets` (downloaded once, then cached)."""
+    import datasets
+    hub = DATASETS[name]
+    rows = datasets.load_dataset(hub_source(hub.id), hub.config, split=hub.split,
+                                 data_files={hub.split: hub.files} if hub.files else None)
+    for field in hub.fields:
+        if field.split(".")[0] not in rows.column_names:
+            raise ValueError(f"{name}: {hub.id} ({hub.split}) has no field '{field}'")
+    return rows
+
+
 def load_docs(task, data_dir=None, limit=None):
     if data_dir:
         where = os.path.join(data_dir, f"{task}.jsonl")
         docs = read_jsonl(where)
     else:
-        import datasets
-        path, name, split, _ = TASKS[task]
-        where = f"{path} ({split})"
-        docs = list(datasets.load_dataset(path, name, split=split))
+        where = f"{TASKS[task].id} ({TASKS[task].split})"
+        docs = list(hub_rows(task))
     docs = docs[:limit] if limit else docs
     if not docs:
         raise ValueError(f"{task}: no documents in {where}")
@@ -231,9 +253,8 @@ def load_wikitext(data_dir=None):
         where = os.path.join(data_dir, "wikitext2.jsonl")
         rows = read_jsonl(where)
     else:
-        import datasets
-        where = "wikitext (test)"
-        rows = list(datasets.load_dataset(*WIKITEXT[:2], split=WIKITEXT[2]))
+        where = f"{DATASETS['wikitext2'].id} ({DATASETS['wikitext2'].split})"
+        rows = list(hub_rows("wikitext2"))
     for i, row in enumerate(rows):
         if "text" not in row:
             raise ValueError(f"wikitext2: row {i} of {where} lacks field 'text'")

@@ -134,17 +134,16 @@ def sample_windows(docs, tokenizer, nsamples, seqlen, seed):
 def calibration_docs(calib):
     if calib != "c4":
         return read_texts(calib)
-    from datasets import load_dataset
+    from eval import hub_rows  # the one table of Hub datasets (id, config, split, fields)
 
-    c4 = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
-    return c4["text"]
+    return list(hub_rows("c4")["text"])
 
 
 def training_texts(train, n):
     if train == "alpaca-gpt4":
-        from datasets import load_dataset
+        from eval import hub_rows
 
-        return load_dataset("vicgalle/alpaca-gpt4", split="train")["text"][:n]
+        return list(hub_rows("alpaca-gpt4")["text"][:n])
     return read_texts(train)[:n]
 
 
@@ -241,15 +240,24 @@ def wanda_mask(weight, act_sq_mean, sparsity, nm=None):
     return ~prune
 
 
-@torch.no_grad()
-def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp=0.01):
-    """SparseGPT (Frantar & Alistarh, 2023): prune and OBS-update `weight` in place; returns keep-mask."""
-    W, H = weight.float().clone(), hessian.float().clone()
+class IllConditionedHessian(ValueError):
+    pass
+
+
+def inverse_hessian_factor(H, percdamp):
+    """U = upper Cholesky factor of (H + percdamp mean(diag H) I)^-1; None where H + damping I is not
+    positive definite in H's precision (few tokens, duplicated inputs, rounding)."""
+    H = H + percdamp * H.diag().mean() * torch.eye(len(H), dtype=H.dtype, device=H.device)  # H += 0.01 mean(diag H) I
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        return None
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # U = chol(H^-1)^T
+    return U if info.item() == 0 and U.isfinite().all() else None
+
+
+def sparsegpt_obs_(W, U, sparsity, nm, blocksize):
+    """The OBS sweep over blocks of columns of W (in place), mask chosen as the reference code does; returns the prune mask."""
     cols = W.shape[1]
-    dead = H.diag() == 0
-    H[dead, dead], W[:, dead] = 1, 0  # inputs never seen carry no information
-    H += percdamp * H.diag().mean() * torch.eye(cols, device=H.device)  # H += 0.01 mean(diag H) I
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # U = chol(H^-1)^T
     if nm is not None:
         blocksize -= blocksize % nm[1]  # N:M groups never straddle two blocks
     prune = torch.zeros_like(W, dtype=torch.bool)
@@ -258,9 +266,9 @@ def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp
         W1, U1, P1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(W.shape[0], i2 - i1, dtype=torch.bool, device=W.device)
         d = U1.diag()
         Err1 = torch.zeros_like(W1)
-        if nm is None:  # the floor(s * count) smallest W^2 / diag(U)^2 of the block
-            k = int(W1.numel() * sparsity)
-            P1.view(-1)[(W1**2 / d**2).flatten().argsort(stable=True)[:k]] = True
+        if nm is None and sparsity > 0:  # tmp = W^2 / diag(U)^2; prune tmp <= sort(tmp)[floor(s * count)]
+            tmp = W1**2 / d**2
+            P1 = tmp <= tmp.flatten().sort().values[int(tmp.numel() * sparsity)]  # floor(s * count) + 1, more on ties
         for j in range(i2 - i1):
             if nm is not None and j % nm[1] == 0:  # the m - n smallest W^2 / diag(U)^2 of the group
                 n, m = nm
@@ -272,17 +280,40 @@ def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp
             W1[:, j], Err1[:, j] = q, err
         W[:, i1:i2], prune[:, i1:i2] = W1, P1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the block's error, propagated to later columns
-    weight.copy_(W.to(weight.dtype))
-    return ~prune
+    return prune
+
+
+@torch.no_grad()
+def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp=0.01, tries=4):
+    """SparseGPT (Frantar & Alistarh, 2023): prune and OBS-update `weight` in place (float32, float64 for
+    float64 input). Returns (keep-mask, relative damping used): where H + damping I is not positive
+    definite or the weights come out non-finite, it retries with 10x the damping (at least 0.01)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    H = hessian.to(dtype).clone()
+    dead = H.diag() == 0
+    H[dead, dead] = 1  # inputs never seen carry no information
+    damp = percdamp
+    for _ in range(tries):
+        U = inverse_hessian_factor(H, damp)
+        if U is not None:
+            W = weight.to(dtype).clone()
+            W[:, dead] = 0
+            prune = sparsegpt_obs_(W, U, sparsity, nm, blocksize)
+            if W.isfinite().all():  # never write NaN or inf
+                weight.copy_(W.to(weight.dtype))
+                return ~prune, damp
+        damp, tried = max(10 * damp, 0.01), damp
+    raise IllConditionedHessian(f"no positive definite H + damping I with finite weights, up to relative damping {tried:g}")
 
 
 def wanda_prune_(weight, act_sq_mean, sparsity, nm=None):
     keep = wanda_mask(weight, act_sq_mean, sparsity, nm)
     weight.mul_(keep)
-    return keep
+    return keep, None
 
 
-# per pruner: (per-batch statistic of the inputs x (tokens, d_in), scale of its token mean, prune)
+# per pruner: (per-batch statistic of the inputs x (tokens, d_in), scale of its token mean,
+#              prune_(weight, statistic, s, nm) -> (keep-mask, SparseGPT's damping or None))
 PRUNERS = {
     "wanda": (lambda x: (x * x).sum(0), 1.0, wanda_prune_),  # mean x^2 per input column
     "sparsegpt": (lambda x: x.T @ x, 2.0, sparsegpt_prune_),  # H = (2/#tokens) sum x x^T
@@ -334,11 +365,12 @@ def dense_weights(model):
     return [[lin.weight.detach().to("cpu", copy=True) for lin in projections(b).values()] for b in decoder_layers(model)]
 
 
-def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense):
+def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None):
     """Prune every block at its sparsity; returns E_l of each block against the dense model.
 
     Two activation streams advance side by side: the pruned model's, fed its own outputs, and the
     original dense model's (its weights from `dense`), so no block's outputs are ever stored twice.
+    A list `damping` gets, per block, {projection: relative damping SparseGPT used (None: Wanda)}.
     """
     statistic, scale, prune_ = PRUNERS[pruner]
     sparse_x, dense_x = x.clone(), x.clone()
@@ -347,8 +379,14 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense):
         original = {f"{name}.weight": w.to(x.device) for name, w in zip(projections(block), dense[l], strict=True)}
         run_block(block, dense_x, kwargs, original)
         stats = input_statistics(block, sparse_x, kwargs, statistic, scale)
+        used = {}
         for name, lin in projections(block).items():
-            prune_(lin.weight.data, stats[name], sparsities[l], nm)
+            try:
+                _, used[name.removesuffix(".base")] = prune_(lin.weight.data, stats[name], sparsities[l], nm)  # .base: inside a LoRA
+            except IllConditionedHessian as e:
+                raise IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}") from None
+        if damping is not None:
+            damping.append(used)
         run_block(block, sparse_x, kwargs)
         errors.append(reconstruction_error(dense_x, sparse_x))
     return errors
@@ -457,6 +495,16 @@ class _MaskedLoRA(torch.autograd.Function):
         return gy @ weight, s * (gy @ (B @ A).mul_(mask)), None, None, dA, dB, None
 
 
+def add_keeping_zeros(W, d):
+    """W + d, rounded once to W's dtype, with the zero pattern of W: d is zero where W is, and a weight
+    that is not zero stays so. In bf16 W + d rounds or cancels to exactly 0 far more often than in float32
+    (a kept weight equal to -d in 8 bits), which would silently prune it (M = 1[W != 0]) and break the
+    exact per-row count; such a weight gets the smallest normal magnitude, with the sign of W."""
+    out = (W.to(d.dtype) + d).to(W.dtype)
+    lost = (out == 0) & (W != 0)
+    return torch.where(lost, torch.finfo(W.dtype).tiny * W.sign(), out) if lost.any() else out
+
+
 class MaskedLoRALinear(nn.Module):
     """base(x) + s dropout(x) ((B[:, :r] A[:r]) * M)^T with M = 1[W != 0]; merges into an equally sparse W."""
 
@@ -471,9 +519,9 @@ class MaskedLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def delta(self):
-        """s (B[:, :r] A[:r]) * M, the masked update in the base weight's dtype."""
+        """s (B[:, :r] A[:r]) * M, the masked update, in float32 (or the LoRA's own dtype if wider)."""
         W = self.base.weight
-        return (self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]) * (W != 0)).to(W.dtype)
+        return self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]).float() * (W != 0)
 
     def forward(self, x):
         if self.rank == 0:
@@ -486,7 +534,7 @@ class MaskedLoRALinear(nn.Module):
     def merge(self) -> nn.Linear:
         merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
         merged = merged.to(self.base.weight.device, self.base.weight.dtype)
-        merged.weight.copy_(self.base.weight + self.delta())  # W + s (BA) * M
+        merged.weight.copy_(add_keeping_zeros(self.base.weight, self.delta()))  # W + s (BA) * M
         if merged.bias is not None:
             merged.bias.copy_(self.base.bias)
         if not torch.equal(merged.weight != 0, self.base.weight != 0):
@@ -509,7 +557,7 @@ def add_lora(model, r_max, alpha, dropout):
 @torch.no_grad()
 def merge_(mods, sign=1):
     for m in mods:
-        m.base.weight.add_(sign * m.delta())  # W <- W +/- s (B[:, :r] A[:r]) * M
+        m.base.weight.copy_(add_keeping_zeros(m.base.weight, sign * m.delta()))  # W <- W +/- s (B[:, :r] A[:r]) * M
 
 
 @contextmanager
@@ -639,7 +687,8 @@ def losa(model, calib_ids, examples, cfg: Settings, pad_id):
         merge_(mods, +1)  # W <- W + s (BA) * M
         with adapters_off(mods):
             s_l = step_sparsities(model, x0, kwargs, s_t, cfg)
-            errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense)
+            damping = []  # per block and projection: SparseGPT's relative damping (raised where H needed it)
+            errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense, damping)
         merge_(mods, -1)  # W <- W - s (BA) * M_new
         ranks = allocate_ranks(errors, omega, cfg.r_min, cfg.r_max) if cfg.rank_alloc else [omega] * len(layers)
         for block, r in zip(lora, ranks):
@@ -650,7 +699,8 @@ def losa(model, calib_ids, examples, cfg: Settings, pad_id):
         report.append(dict(step=t, target_sparsity=s_t, delta=sparsity_delta(s_t),
                            layer_sparsity=dict(assigned=s_l, achieved=[achieved_sparsity([b]) for b in layers]),
                            ranks=ranks, mean_rank=sum(ranks) / len(ranks), reconstruction_error=errors,
-                           train_loss=losses, seconds=time.time() - tic))
+                           train_loss=losses, seconds=time.time() - tic,
+                           **({"damping": damping} if cfg.pruner == "sparsegpt" else {})))
         omega += 1  # Omega_{t+1} = Omega_t + 1
     unwrap_(model)  # final merge: W + s (BA) * M, zero pattern unchanged
     return report
@@ -924,6 +974,8 @@ def main(argv=None):
         steps = losa(model, calib_ids, examples, cfg, pad_id)
     except NonFiniteLoss as e:
         fail(f"{e}; nothing written", code=1)
+    except IllConditionedHessian as e:
+        fail(f"{e}; nothing written")
     sparsity = achieved_sparsity(decoder_layers(model))
     if demo:
         ppl["losa"] = perplexity(model, eval_ids, 512)

@@ -167,7 +167,9 @@ def test_wanda_mask_keeps_the_top_scores_of_every_row():
 
 
 def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
-    """SparseGPT written plainly in float64: every OBS update applied to all later columns at once."""
+    """SparseGPT written plainly in float64: every OBS update applied to all later columns at once.
+    Unstructured masks follow the reference code: in each block of columns, score = W^2 / diag(U)^2,
+    thresh = sorted(scores)[floor(s * count)], every score <= thresh is pruned (none at s = 0)."""
     W, H = W.double().clone(), H.double().clone()
     d = W.shape[1]
     dead = torch.diag(H) == 0
@@ -177,13 +179,11 @@ def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
     U = torch.linalg.cholesky(torch.linalg.inv(H)).T  # upper factor of H^-1
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for j in range(d):
-        if nm is None and j % blocksize == 0:
+        if nm is None and j % blocksize == 0 and sparsity > 0:
             blk = slice(j, min(j + blocksize, d))
-            score = (W[:, blk] ** 2 / torch.diag(U)[blk] ** 2).flatten()
-            idx = score.argsort(stable=True)[: int(score.numel() * sparsity)]
-            m = torch.zeros_like(score, dtype=torch.bool)
-            m[idx] = True
-            pruned[:, blk] = m.view(W.shape[0], -1)
+            score = W[:, blk] ** 2 / torch.diag(U)[blk] ** 2
+            thresh = sorted(score.flatten().tolist())[int(score.numel() * sparsity)]
+            pruned[:, blk] = score <= thresh
         if nm is not None and j % nm[1] == 0:
             score = W[:, j : j + nm[1]] ** 2 / torch.diag(U)[j : j + nm[1]] ** 2
             for r in range(W.shape[0]):
@@ -194,25 +194,82 @@ def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
     return W, ~pruned
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_sparsegpt_matches_a_float64_recomputation(nm):
-    torch.manual_seed(0)
-    X = correlated_inputs(512, 160)
+def reference_counts(rows, cols, sparsity, blocksize=128):
+    """Weights the reference rule prunes without ties: floor(s * count) + 1 per block of columns, none at s = 0."""
+    return sum(int(rows * min(blocksize, cols - i) * sparsity) + 1 for i in range(0, cols, blocksize)) if sparsity > 0 else 0
+
+
+def dead_input_hessian(dtype=torch.float32):
+    X = correlated_inputs(512, 160).to(dtype)
     H = 2 * X.T @ X / len(X)
     H[:, 7] = H[7, :] = 0  # a dead input
-    W = torch.randn(24, 160)
+    return H
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_equals_the_reference_rule_in_float64(nm):
+    torch.manual_seed(0)
+    H, W = dead_input_hessian(torch.float64), torch.randn(24, 160, dtype=torch.float64)
+    for s in (0.0, 0.3, 0.6):
+        ref, ref_keep = sparsegpt_float64(W, H, s, nm, blocksize=64)
+        got = W.clone()
+        keep, damp = losa.sparsegpt_prune_(got, H, s, nm, blocksize=64)
+        assert damp == 0.01 and torch.equal(keep, ref_keep)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-12)
+        if nm:
+            assert ((got != 0).view(24, -1, 4).sum(-1) <= 2).all()
+        else:  # floor(s * count) + 1 per block (the dead input's zeros are among them)
+            assert (got == 0).sum().item() == (reference_counts(24, 160, s, 64) if s else 24)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_in_float32_stays_close_to_float64(nm):
+    torch.manual_seed(0)
+    H, W = dead_input_hessian(), torch.randn(24, 160)
     ref, ref_keep = sparsegpt_float64(W, H, 0.6, nm, blocksize=64)
     got = W.clone()
-    keep = losa.sparsegpt_prune_(got, H, 0.6, nm, blocksize=64)
-    assert (keep == ref_keep).float().mean() > 0.995  # float32 may flip a near-tie
+    keep, _ = losa.sparsegpt_prune_(got, H, 0.6, nm, blocksize=64)
+    assert got.dtype == torch.float32 and (keep == ref_keep).float().mean() > 0.995  # float32 may flip a near-tie
     agree = (keep == ref_keep).all(1)
     assert agree.sum() >= 20
     torch.testing.assert_close(got[agree].double(), ref[agree], rtol=1e-3, atol=1e-3)
     assert torch.equal(got == 0, ~keep | (W == 0) | torch.zeros_like(keep).index_fill_(1, torch.tensor([7]), True))
-    if nm:
-        assert ((got != 0).view(24, -1, 4).sum(-1) <= 2).all()
-    else:
-        assert (got == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+
+
+def rank_deficient_hessian(tokens, d, duplicate=False, seed=0):
+    """H = (2/n) X^T X from `tokens` tokens (rank <= tokens), optionally every input duplicated."""
+    X = correlated_inputs(tokens, d // 2 if duplicate else d, seed)
+    X = torch.cat([X, X], 1) if duplicate else X
+    return 2 * X.T @ X / tokens
+
+
+def test_sparsegpt_damps_a_singular_or_indefinite_hessian_until_it_factors():
+    torch.manual_seed(0)
+    W = torch.randn(32, 64)
+    cases = {  # (H, percdamp asked, damping that must be used)
+        "4 tokens for 64 inputs, no damping": (rank_deficient_hessian(4, 64), 0.0, 0.01),
+        "duplicated inputs, no damping": (rank_deficient_hessian(512, 64, duplicate=True), 0.0, 0.01),
+        "indefinite": (rank_deficient_hessian(16, 64) - 0.05 * rank_deficient_hessian(16, 64).diag().mean() * torch.eye(64), 0.01, 0.1),
+    }
+    for name, (H, percdamp, expect) in cases.items():
+        assert torch.linalg.cholesky_ex(H + percdamp * H.diag().mean() * torch.eye(64)).info != 0, name  # needs more damping
+        for nm in (None, (2, 4)):
+            got = W.clone()
+            keep, damp = losa.sparsegpt_prune_(got, H, 0.5, nm, percdamp=percdamp)
+            assert damp == expect and got.isfinite().all(), name
+            assert torch.equal(got == 0, ~keep)
+            if nm:
+                assert ((got != 0).view(32, -1, 4).sum(-1) == 2).all()
+            else:
+                assert (~keep).sum().item() == reference_counts(32, 64, 0.5)
+
+
+def test_sparsegpt_stops_on_a_hessian_no_damping_fixes():
+    W = torch.randn(8, 16)
+    got = W.clone()
+    with pytest.raises(losa.IllConditionedHessian, match="up to relative damping 10"):
+        losa.sparsegpt_prune_(got, torch.full((16, 16), float("nan")), 0.5)
+    assert torch.equal(got, W)  # nothing written
 
 
 def test_sparsegpt_reconstructs_better_than_wanda():
@@ -267,11 +324,29 @@ def test_pruning_pass_sparsity_and_errors(pruner):
                 expect = int(lin.in_features * s_l[l])
                 if pruner == "wanda":  # exactly floor(s * d_in) in every row
                     assert (zeros == expect).all()
-                else:  # floor(s * count) per block of 128 columns
-                    assert zeros.item() == sum(int(lin.out_features * min(128, lin.in_features - i) * s_l[l]) for i in range(0, lin.in_features, 128))
+                else:  # the reference rule: floor(s * count) + 1 per block of 128 columns (no ties in random weights)
+                    assert zeros.item() == reference_counts(lin.out_features, lin.in_features, s_l[l])
     assert errors[0.0] == [0.0] * 4
     assert all(a < b for a, b in zip(errors[0.3], errors[0.6]))
     assert all(0 < e for e in errors[0.3])
+
+
+def test_pruning_pass_reports_the_damping_each_projection_needed(monkeypatch):
+    """16 calibration tokens give every projection a rank-16 H; minus 0.05 mean(diag H) I it is
+    indefinite, so SparseGPT needs relative damping 0.1 instead of 0.01 everywhere."""
+    statistic, scale, prune_ = losa.PRUNERS["sparsegpt"]
+    indefinite = lambda x: statistic(x) - 0.05 * (x * x).sum() / x.shape[1] * torch.eye(x.shape[1])
+    monkeypatch.setitem(losa.PRUNERS, "sparsegpt", (indefinite, scale, prune_))
+    model = tiny_llama()
+    x, kw = calibration(model, n=1, seqlen=16)
+    damping = []
+    losa.prune_blocks(model, x, kw, [0.5] * 4, "sparsegpt", None, losa.dense_weights(model), damping)
+    names = list(losa.projections(losa.decoder_layers(model)[0]))
+    assert damping == [{name: 0.1 for name in names}] * 4
+    for block in losa.decoder_layers(model):
+        for lin in losa.projections(block).values():
+            assert lin.weight.isfinite().all()
+            assert (lin.weight == 0).sum().item() == reference_counts(lin.out_features, lin.in_features, 0.5)
 
 
 def test_a_model_without_decoder_blocks_is_refused():
@@ -292,11 +367,19 @@ def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
         losa.losa(model, calib, [], cfg, tok.eos_token_id)
         sparsity = losa.achieved_sparsity(losa.decoder_layers(model))
         pruned = ev.perplexity(model, eval_ids, 512)
-    finally:
         model.load_state_dict(original)
-    print(f"\nSmolLM2-135M, held-back Python docs, 8 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f}")
+        model.to(torch.bfloat16)  # the same run in bf16, the default on GPU
+        losa.losa(model, calib, [], cfg, tok.eos_token_id)
+        rows_bf16 = [(lin.weight == 0).sum(1) for b in losa.decoder_layers(model) for lin in losa.projections(b).values()]
+        pruned_bf16 = ev.perplexity(model, eval_ids, 512)
+    finally:
+        model.to(torch.float32)
+        model.load_state_dict(original)
+    print(f"\nSmolLM2-135M, held-back Python docs, 8 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f} (fp32), {pruned_bf16:.2f} (bf16)")
     assert sparsity == pytest.approx(0.5, abs=1e-3)
     assert 5 < dense < 30 and dense < pruned < 2.5 * dense
+    assert all((z >= w.shape[1] // 2).all() for z, w in zip(rows_bf16, [l.weight for b in losa.decoder_layers(model) for l in losa.projections(b).values()]))
+    assert pruned_bf16 == pytest.approx(pruned, rel=0.02)
 
 
 PEAK_SCRIPT = r"""
@@ -468,6 +551,9 @@ def test_cli_end_to_end_on_a_tiny_llama(tiny_run, extra):
             assert key in step
         assert set(step["layer_sparsity"]) == {"assigned", "achieved"} and len(step["ranks"]) == 4
         assert len(step["train_loss"]) == 2 and all(math.isfinite(v) for v in step["train_loss"])
+        if "sparsegpt" in extra:  # the relative damping of every block and projection
+            assert step["damping"] == [{n: 0.01 for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}] * 4
     ws = [lin.weight for block in models[0].model.layers for lin in losa.projections(block).values()]
     assert len(ws) == 7 * 4
     sparsity = sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
@@ -519,6 +605,50 @@ def test_cli_refuses_to_overwrite_and_stops_on_a_non_finite_loss(tiny_run, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert "non-finite loss at step 1, update" in err[-1] and not list(tmp.glob("out*"))
 
+
+
+def test_cli_stops_on_a_hessian_no_damping_fixes(tiny_run, capsys):
+    """A NaN in block 0's MLP norm makes gate_proj's H NaN: one line naming block and projection, exit 2."""
+    tmp, base = tiny_run
+    model_dir = base[base.index("--model") + 1]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[3] = float("nan")
+    model.save_pretrained(model_dir)
+    out = tmp / "out"
+    assert run_cli(base + ["--pruner", "sparsegpt", "--no-rmi", "--out", str(out)]) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if l.startswith("losa.py")]
+    assert len(err) == 1 and err[0].startswith("losa.py: error: sparsegpt: block 0, mlp.gate_proj:")
+    assert "damping" in err[0] and err[0].endswith("nothing written")
+    assert not list(tmp.glob("out*"))
+
+
+def test_add_keeping_zeros_never_creates_or_fills_a_zero():
+    torch.manual_seed(0)
+    W = (torch.randn(16, 32) * (torch.rand(16, 32) > 0.5)).to(torch.bfloat16)
+    d = torch.randn(16, 32) * 0.1 * (W != 0)
+    d[0, W[0] != 0] = -W[0, W[0] != 0].float()  # cancels exactly: W + d = 0 for every kept weight of row 0
+    out = losa.add_keeping_zeros(W, d)
+    assert out.dtype == torch.bfloat16 and torch.equal(out == 0, W == 0)
+    assert torch.equal(out[1:], (W[1:].float() + d[1:]).to(torch.bfloat16))  # one rounding of the float32 sum
+    assert torch.equal(out[0][W[0] != 0], torch.finfo(torch.bfloat16).tiny * W[0][W[0] != 0].sign())
+
+
+def test_cli_in_bfloat16_keeps_exact_sparsity_through_merges(tiny_run):
+    """--dtype bfloat16 on CPU: with lr 1e-2 the LoRA grows to the size of the weights, where W + s(BA)M
+    rounds to exactly 0 for some kept weights in bf16; the pattern and the per-row counts must hold."""
+    tmp, base = tiny_run
+    out = tmp / "out"
+    assert run_cli(base + ["--dtype", "bfloat16", "--steps", "3", "--train-samples", "24", "--lr", "1e-2", "--out", str(out)]) == 0
+    report = json.loads((out / "losa_report.json").read_text())
+    assert all(math.isfinite(v) for step in report["steps"] for v in step["train_loss"])
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    for step, block in zip(report["steps"][-1]["layer_sparsity"]["assigned"], model.model.layers):
+        for lin in losa.projections(block).values():
+            assert lin.weight.dtype == torch.bfloat16 and lin.weight.isfinite().all()
+            assert ((lin.weight == 0).sum(1) == int(step * lin.in_features)).all()  # floor(s_l d_in) in every row
+    assert sum(s > 0 for s in report["steps"][-1]["layer_sparsity"]["achieved"]) == 4
 
 
 def test_demo_shortened_on_smollm2(tmp_path, capsys):
@@ -622,6 +752,102 @@ def tiny(tokenizer, tmp_path_factory):
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
     return model, str(d)
+
+
+# -----------------------------------------------------------------------------
+# Hub datasets: every load_dataset call of the project, against copies laid out like the Hub repositories
+
+def hub_layouts():
+    """name -> (file inside the repository, its rows, datasets.Features as on the Hub card or None for json)."""
+    from datasets import ClassLabel, Features, List, Value
+    S = Value("string")
+    choices = {"text": List(S), "label": List(S)}  # the Hub's sequence of {text, label}: a struct of two lists
+    arc = Features(id=S, question=S, choices=choices, answerKey=S)
+    calib, train, _ = losa.pydoc_slices()
+    alpaca = [{"instruction": f"Explain part {i}.", "input": "", "output": train[300 * i : 300 * i + 200]} for i in range(3)]
+    return {
+        "boolq": ("boolq/validation-00000-of-00001.parquet", DOCS["boolq"],
+                  Features(question=S, passage=S, idx=Value("int32"), label=ClassLabel(names=["False", "True"]))),
+        "piqa": ("data/validation-00000-of-00001.parquet", DOCS["piqa"], Features(goal=S, sol1=S, sol2=S, label=Value("int64"))),
+        "hellaswag": ("data/validation-00000-of-00001.parquet", DOCS["hellaswag"],
+                      Features(ind=Value("int32"), activity_label=S, ctx_a=S, ctx_b=S, endings=List(S), label=S)),
+        "winogrande": ("winogrande_xl/validation-00000-of-00001.parquet", DOCS["winogrande"],
+                       Features(sentence=S, option1=S, option2=S, answer=S)),
+        "arc_easy": ("ARC-Easy/test-00000-of-00001.parquet", DOCS["arc_easy"], arc),
+        "arc_challenge": ("ARC-Challenge/test-00000-of-00001.parquet", DOCS["arc_challenge"], arc),
+        "openbookqa": ("main/test-00000-of-00001.parquet", DOCS["openbookqa"],
+                       Features(id=S, question_stem=S, choices=choices, answerKey=S)),
+        "wikitext2": ("wikitext-2-raw-v1/test-00000-of-00001.parquet",
+                      [{"text": t} for t in ["", " = Assignment = ", ""] + topics["assignment"][:3000].split("\n\n")], Features(text=S)),
+        "alpaca-gpt4": ("data/train-00000-of-00001-6ef3991c06080e14.parquet",
+                        [{**r, "text": losa.ALPACA[False].format(**r)} for r in alpaca],
+                        Features(instruction=S, input=S, output=S, text=S)),
+        "c4": ("en/c4-train.00000-of-01024.json.gz",
+               [{"text": calib[i : i + 1500], "timestamp": "2019-04-25T12:57:54Z", "url": f"https://example.org/{i}"}
+                for i in range(0, 6000, 1500)], None),
+    }
+
+
+@pytest.fixture
+def hub_copy(tmp_path, monkeypatch):
+    """Each repository as a folder: data files under the config's folder, and where the Hub repository
+    has several configs, a README.md whose YAML `configs:` maps each config to its files. Only the
+    split the project uses is there, so a wrong id, config, split, field or type cannot load."""
+    import gzip
+    from datasets import Dataset
+    root, cards = tmp_path / "hub", {}
+    for name, (path, rows, features) in hub_layouts().items():
+        hub = ev.DATASETS[name]
+        f = root / hub.id / path
+        f.parent.mkdir(parents=True, exist_ok=True)
+        if features is None:
+            with gzip.open(f, "wt") as out:
+                out.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            Dataset.from_list(rows, features=features).to_parquet(str(f))
+        if "/" in path and not path.startswith(("data/", "en/")) or name == "hellaswag":
+            cards.setdefault(hub.id, []).append(f"- config_name: {hub.config or 'default'}\n  data_files:\n"
+                                                f"  - split: {hub.split}\n    path: {os.path.dirname(path)}/{hub.split}-*\n")
+    others = {"aps/super_glue": "cb", "allenai/winogrande": "winogrande_debiased", "allenai/openbookqa": "additional",
+              "Salesforce/wikitext": "wikitext-103-raw-v1"}  # more configs of the same repositories (their files left out)
+    for repo, config in others.items():
+        cards[repo].append(f"- config_name: {config}\n  data_files:\n  - split: test\n    path: {config}/test-*\n")
+    for repo, configs in cards.items():
+        (root / repo / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+    monkeypatch.setattr(ev, "hub_source", lambda repo_id: str(root / repo_id))
+    return root
+
+
+def test_every_hub_dataset_loads_with_its_id_config_split_and_fields(hub_copy):
+    layouts = hub_layouts()
+    for task in ev.TASKS:
+        docs = ev.load_docs(task)
+        assert docs == DOCS[task], task  # same values and types: string labels, nested choices, int labels
+        assert [ev.build_requests(task, d) for d in docs] == [ev.build_requests(task, d) for d in DOCS[task]]
+    assert ev.load_wikitext() == "\n\n".join(r["text"] for r in layouts["wikitext2"][1])
+    assert losa.calibration_docs("c4") == [r["text"] for r in layouts["c4"][1]]
+    assert losa.training_texts("alpaca-gpt4", 2) == [r["text"] for r in layouts["alpaca-gpt4"][1][:2]]
+
+
+@pytest.mark.parametrize("change", [dict(config="winogrande_debiased"), dict(config=None), dict(split="test"),
+                                    dict(fields=["sentence", "option1", "option2", "label"]), dict(id="winogrande")])
+def test_a_wrong_hub_entry_does_not_load(hub_copy, monkeypatch, change):
+    monkeypatch.setitem(ev.DATASETS, "winogrande", ev.DATASETS["winogrande"]._replace(**change))
+    with pytest.raises(Exception):
+        ev.hub_rows("winogrande")
+
+
+def test_the_clis_default_data_come_from_the_hub_table(hub_copy, tiny_run, tiny, capsys):
+    tmp, base = tiny_run
+    out = tmp / "eval.json"
+    ev.main(["--model", tiny[1], "--tasks", "wikitext2,winogrande,arc_easy,boolq", "--seqlen", "16", "--output", str(out)])
+    res = json.loads(out.read_text())["results"]
+    assert res["winogrande"]["n"] == res["arc_easy"]["n"] == res["boolq"]["n"] == 3 and res["wikitext2"]["windows"] > 0
+    args = base[:]
+    args[args.index("--calib") + 1], args[args.index("--train") + 1] = "c4", "alpaca-gpt4"
+    assert run_cli(args + ["--train-samples", "3", "--out", str(tmp / "out")]) == 0
+    report = json.loads((tmp / "out" / "losa_report.json").read_text())
+    assert report["data"]["calib"] == "c4" and report["data"]["train_examples"] == 3
 
 
 # -----------------------------------------------------------------------------
