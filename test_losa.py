@@ -1145,6 +1145,8 @@ def test_without_matplotlib_a_run_skips_only_the_figure(tiny_run, capsys, monkey
         assert len(err) == 1 and err[0].startswith("losa.py: error: --plot") and words in err[0]
     assert not list(tmp.glob("*.png")) and not list(out.glob("*.png"))
 
+
+# ---------------------------------------------------------------------------------------------
 # sparse execution of the projections (bench.py --inference)
 
 
