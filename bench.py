@@ -232,6 +232,8 @@ def sparse_linear(x, W, bias, kernel):
 
 
 class SparseLinear(nn.Module):
+    """Stands in for an nn.Linear: the same bias, the weight held sparse (sparse_weight)."""
+
     def __init__(self, lin, kernel="linear"):
         super().__init__()
         self.weight, self.bias, self.kernel = sparse_weight(lin.weight.detach()), lin.bias, kernel
