@@ -932,15 +932,14 @@ def save(model, tokenizer, report, out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_report(model, path, cfg, args, n_examples, steps, seconds):
+def run_report(model, path, cfg, data, steps, seconds):
     """losa_report.json: settings, data, the per-step report, and the achieved sparsity of `model` now."""
-    data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, train=args.train, train_examples=n_examples, max_len=args.max_len)
     return dict(model=path, settings=asdict(cfg), data=data, steps=steps, sparsity=achieved_sparsity(decoder_layers(model)), seconds=seconds)
 
 
-def run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report):
+def run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report, meta):
     """compare() into a staging folder renamed to --out at the end: the LoSA model with its report
-    (one folder per pruner when there are several) and compare.json with every row."""
+    (one folder per pruner when there are several) and compare.json: `meta` and every row."""
     stage = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
     where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
     keep = lambda row: save(model, tokenizer, report(replace(cfg, pruner=row["pruner"]), row["steps"], row["seconds"]), where(row["pruner"]))
@@ -949,7 +948,7 @@ def run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report):
         names = ["oneshot", "lora", "losa", *(ABLATION if args.ablation else [])]
         rows = compare(model, calib_ids, plan, cfg, args.pruners, names, score, keep)
         with open(os.path.join(stage, "compare.json"), "w") as f:
-            json.dump(dict(rows=rows), f, indent=1)
+            json.dump(dict(**meta, rows=rows), f, indent=1)
         if os.path.exists(args.out):
             shutil.rmtree(args.out)
         os.replace(stage, args.out)
@@ -992,17 +991,19 @@ def main(argv=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = update_plan(examples, cfg.steps, cfg.batch_size, cfg.grad_accum, pad_id, cfg.seed)
-    report = lambda c, steps, seconds: run_report(model, path, c, args, len(examples), steps, seconds)
+    data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, train=args.train, train_examples=len(examples), max_len=args.max_len)
+    report = lambda c, steps, seconds: run_report(model, path, c, data, steps, seconds)
     try:
         if not args.compare:
             save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
             print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
             return
-        rows = run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report)
+        scoring = dict(source="held-back pydoc text" if pydoc else args.data_dir or "the Hub", tasks=[] if pydoc else args.tasks,
+                       seqlen=seqlen, limit=args.limit, batch_size=args.eval_batch_size)
+        rows = run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report, dict(model=path, data=data, scoring=scoring))
     except NonFiniteLoss as e:
         fail(f"{e}; nothing written", code=1)
-    scored = "held-back pydoc text" if pydoc else f"{args.data_dir or 'the Hub'}, tasks {','.join(args.tasks)}"
-    print(f"\n{format_rows(rows)}\n\nscored on {scored}, perplexity windows of {seqlen} tokens; "
+    print(f"\n{format_rows(rows)}\n\nscored on {scoring['source']}, perplexity windows of {seqlen} tokens; "
           f"total {(time.time() - tic) / 60:.1f} min; LoSA model and compare.json saved to {args.out}")
 
 

@@ -556,7 +556,9 @@ def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, toke
     args = base + ["--steps", "3", "--sparsity", "0.5", "--compare", "--ablation", "--pruner", "wanda,sparsegpt",
                    "--data-dir", str(tmp / "data"), "--eval-seqlen", "128", "--out", str(out)]
     assert run_cli(args) == 0
-    rows = json.loads((out / "compare.json").read_text())["rows"]
+    result = json.loads((out / "compare.json").read_text())
+    rows = result["rows"]
+    assert result["scoring"] == dict(source=str(tmp / "data"), tasks=["wikitext2", *ev.TASKS], seqlen=128, limit=None, batch_size=8)
     names = ["oneshot", "lora", "losa", "losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]
     assert [(r["name"], r["pruner"]) for r in rows] == [("dense", None)] + [(n, p) for p in ("wanda", "sparsegpt") for n in names]
     assert len(runs) == 12 and all(torch.equal(r["calib"], runs[0]["calib"]) for r in runs)
