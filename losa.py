@@ -18,6 +18,7 @@ stored features and outputs (host memory ~ the model, not ~64 GB for 7B).
 
     python losa.py                                                  # offline demo, SmolLM2-135M
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7  # the paper's setting
+    python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare  # its Table 1 rows
 """
 import argparse
 import json
