@@ -18,6 +18,7 @@ stored features and outputs (host memory ~ the model, not ~64 GB for 7B).
 
     python losa.py                                                  # offline demo, SmolLM2-135M
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7  # the paper's setting
+    python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare  # its Table 1 rows
 """
 import argparse
 import json
@@ -28,7 +29,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -649,17 +650,26 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def finetune(model, mods, examples, cfg, pad_id, t, generator):
-    """One epoch over the step's examples: masked LoRA, fresh AdamW and schedule. Returns the losses."""
+def update_plan(examples, T, batch_size, grad_accum, pad_id, seed):
+    """The fine-tuning of T steps: an even share of the examples per step, shuffled, cut into updates
+    of grad_accum micro-batches. Built once, so that every row of a comparison sees the same updates."""
+    generator = torch.Generator().manual_seed(seed)
+    plan = []
+    for t in range(T):
+        micro = list(batches(examples[t * len(examples) // T : (t + 1) * len(examples) // T], batch_size, pad_id, generator))
+        plan.append([micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)])
+    return plan
+
+
+def finetune(model, mods, updates, cfg, t):
+    """One pass over `updates` (lists of micro-batches): masked LoRA, fresh AdamW, one linear schedule.
+    Returns the losses."""
     params = [p for m in mods for p in (m.lora_A, m.lora_B)]
     opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
-    micro = list(batches(examples, cfg.batch_size, pad_id, generator))
-    total = math.ceil(len(micro) / cfg.grad_accum)
     losses = []
     model.train()
-    for u in tqdm(range(total), desc=f"fine-tune step {t}", leave=False):
-        opt.lr = linear_lr(u, total, cfg.lr, cfg.warmup_ratio)
-        group = micro[u * cfg.grad_accum : (u + 1) * cfg.grad_accum]
+    for u, group in enumerate(tqdm(updates, desc=f"fine-tune step {t}", leave=False)):
+        opt.lr = linear_lr(u, len(updates), cfg.lr, cfg.warmup_ratio)
         loss = 0.0
         for b in group:
             out = model(**{k: v.to(model.device) for k, v in b.items()}, use_cache=False)
@@ -690,14 +700,15 @@ def step_sparsities(model, x0, kwargs, s_t, cfg):
     return layer_sparsities(C, s_t, sparsity_delta(s_t), cfg.beta)
 
 
-def losa(model, calib_ids, examples, cfg: Settings, pad_id):
-    """Algorithm 1 on `model`, in place; returns the per-step report. The LoRA is merged at the end."""
+def losa(model, calib_ids, plan, cfg: Settings):
+    """Algorithm 1 on `model`, in place; `plan[t - 1]`: the updates of step t (update_plan).
+    Returns the per-step report. The LoRA is merged at the end."""
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
     layers = decoder_layers(model)
     T = cfg.steps
     x0, kwargs = capture_block_inputs(model, calib_ids)
     dense = dense_weights(model)  # the original model, for E_l
+    model.requires_grad_(False)  # only A and B train: no gradients for embeddings, norms, lm_head
     lora = add_lora(model, cfg.r_max, cfg.alpha, cfg.lora_dropout)  # one list of wrappers per block
     mods = [m for block in lora for m in block]
     target = 1 - cfg.nm[0] / cfg.nm[1] if cfg.nm else cfg.sparsity
@@ -715,8 +726,7 @@ def losa(model, calib_ids, examples, cfg: Settings, pad_id):
         for block, r in zip(lora, ranks):
             for m in block:
                 m.rank = r
-        part = examples[(t - 1) * len(examples) // T : t * len(examples) // T]  # an even share per step
-        losses = finetune(model, mods, part, cfg, pad_id, t, generator) if cfg.finetune and part else []
+        losses = finetune(model, mods, plan[t - 1], cfg, t) if cfg.finetune and plan[t - 1] else []
         report.append(dict(step=t, target_sparsity=s_t, delta=sparsity_delta(s_t),
                            layer_sparsity=dict(assigned=s_l, achieved=[achieved_sparsity([b]) for b in layers]),
                            ranks=ranks, mean_rank=sum(ranks) / len(ranks), reconstruction_error=errors,
@@ -791,6 +801,88 @@ def plot_report(report, path):
 
 
 # -----------------------------------------------------------------------------------------------
+# the paper's comparison: dense, one-shot, w. LoRA, w. LoSA, and the ablation, on the same data
+
+ROWS = {  # row -> its settings against LoSA's, in the order rows run (w. LoRA needs LoSA's ranks)
+    "oneshot": dict(steps=1, rmi=False, finetune=False),  # the pruner alone, uniform S
+    "losa": {},
+    "lora": dict(steps=1, rmi=False, rank_alloc=False),  # one-shot, then LoRA at LoSA's mean rank
+    "losa_no_rmi": dict(rmi=False),
+    "losa_no_rank_alloc": dict(rank_alloc=False),
+    "losa_uniform": dict(rmi=False, rank_alloc=False),
+}
+ABLATION = ["losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]
+LABELS = {"dense": "Dense", "oneshot": "{}", "lora": "{} w. LoRA", "losa": "{} w. LoSA", "losa_no_rmi": "{} w. LoSA, no RMI",
+          "losa_no_rank_alloc": "{} w. LoSA, no rank allocation", "losa_uniform": "{} w. LoSA, neither"}
+PAPER_TASKS = ["hellaswag", "winogrande", "boolq", "openbookqa", "piqa", "arc_easy", "arc_challenge"]  # Table 1's columns
+
+
+def scorer(model, tokenizer, text, docs, seqlen, batch_size, bos=None):
+    """-> score(): perplexity of `text` and accuracy on `docs` of `model` as it is then, by eval.py's functions
+    (with `bos`, every perplexity window is BOS + seqlen - 1 tokens of the text)."""
+    from eval import evaluate_task, perplexity
+
+    ids = None if text is None else tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids
+    if ids is not None and ids.numel() < seqlen - (bos is not None):
+        raise ValueError(f"the perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+
+    def score():
+        ppl = None if ids is None else perplexity(model, ids, seqlen, batch_size, progress=True, bos=bos)
+        acc = {t: evaluate_task(model, tokenizer, t, d, batch_size)[0]["acc"] for t, d in docs.items()}
+        return dict(ppl=ppl, acc=acc, mean_acc=sum(acc.values()) / len(acc) if acc else None)
+
+    return score
+
+
+def lora_rank(losa_steps):
+    """The uniform rank of w. LoRA: LoSA's realised mean rank over its steps, rounded (same parameter budget)."""
+    return round(sum(s["mean_rank"] for s in losa_steps) / len(losa_steps))
+
+
+def compare(model, calib_ids, plan, cfg, pruners, names, score, keep):
+    """Dense, then the rows `names` for every pruner, all from the same model, calibration windows and
+    fine-tuning updates; the dense weights are restored after every row. keep(row) is called while the
+    losa row's model is in place. Returns the rows in the paper's order."""
+    dense = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+    jobs = [(None, "dense")] + [(p, n) for p in pruners for n in ROWS if n in names]
+    rows = []
+    for k, (pruner, name) in enumerate(jobs, 1):
+        print(f"row {k} of {len(jobs)}: {name}{f' ({pruner})' if pruner else ''}", flush=True)
+        tic, c, steps = time.time(), replace(cfg, pruner=pruner or cfg.pruner, **ROWS.get(name, {})), []
+        if name == "lora":  # LoSA's updates, in LoSA's order, under one schedule
+            c = replace(c, mean_rank=lora_rank(next(r["steps"] for r in rows if (r["name"], r["pruner"]) == ("losa", pruner))))
+            steps = losa(model, calib_ids, [[u for step in plan for u in step]], c)
+        elif name != "dense":
+            steps = losa(model, calib_ids, plan if c.finetune else [[]], c)
+        seconds = time.time() - tic
+        rows.append(dict(name=name, pruner=pruner, settings=asdict(c) if pruner else {}, updates=sum(len(s["train_loss"]) for s in steps),
+                         seconds=seconds, steps=steps, sparsity=achieved_sparsity(decoder_layers(model)), **score()))
+        print(f"  {name}: perplexity {rows[-1]['ppl']}, mean accuracy {rows[-1]['mean_acc']}, {seconds:.0f} s", flush=True)
+        if name == "losa":
+            keep(rows[-1])
+        model.load_state_dict(dense)
+    order = ["dense", "oneshot", "lora", "losa", *ABLATION]
+    return sorted(rows, key=lambda r: (pruners.index(r["pruner"]) if r["pruner"] else -1, order.index(r["name"])))
+
+
+def format_rows(rows):
+    """Markdown table in the layout of the paper's Table 1: method, sparsity, perplexity, accuracies, mean."""
+    from eval import COLUMNS
+
+    tasks = [t for t in PAPER_TASKS if any(t in r["acc"] for r in rows)]
+    head = ["Method", "Sparsity", "PPL", *(COLUMNS[t] for t in tasks), *(["Mean"] if tasks else [])]
+    pct = lambda v: "—" if v is None else f"{100 * v:.2f}"
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in rows:
+        c = r["settings"]
+        sparsity = "0%" if not c else f"{c['nm'][0]}:{c['nm'][1]}" if c["nm"] else f"{100 * c['sparsity']:g}%"
+        name = LABELS[r["name"]].format({"wanda": "Wanda", "sparsegpt": "SparseGPT"}.get(r["pruner"], r["pruner"]))
+        cells = [name, sparsity, "—" if r["ppl"] is None else f"{r['ppl']:.2f}", *(pct(r["acc"].get(t)) for t in tasks)]
+        lines.append("| " + " | ".join(cells + ([pct(r["mean_acc"])] if tasks else [])) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -821,13 +913,13 @@ def build_parser():
     a = p.add_argument
     a("--model", help="Hub id, local folder or .gguf file (default: the offline SmolLM2-135M demo)")
     a("--sparsity", type=float, help=f"target sparsity S in [0, 1) (default {PAPER['sparsity']}; demo {DEMO['sparsity']})")
-    a("--pruner", choices=PRUNERS, default="wanda")
+    a("--pruner", default="wanda", help="wanda or sparsegpt; with --compare also both, comma-separated (wanda,sparsegpt)")
     a("--pattern", default="unstructured", help="unstructured, or N:M (2:4 keeps 2 of every 4 inputs)")
     a("--steps", type=int, default=5, help="T, steps of prune + fine-tune")
     a("--calib", help="c4 (default), pydoc (Python's docs, offline), or a .txt (one token stream) / .jsonl with 'text' (documents)")
     a("--nsamples", type=int, help=f"calibration sequences (default {PAPER['nsamples']}; demo {DEMO['nsamples']})")
     a("--seqlen", type=int, help=f"calibration tokens per sequence (default {PAPER['seqlen']}; demo {DEMO['seqlen']})")
-    a("--window-bos", action="store_true", help="start every calibration window and the demo's perplexity windows with BOS "
+    a("--window-bos", action="store_true", help="start every calibration window and the --compare perplexity windows with BOS "
       "(BOS + seqlen-1 text tokens): for models trained with BOS at the start of every sequence, such as Gemma; "
       "off: windows cut from one token stream, the Wanda/SparseGPT protocol. Fine-tuning examples keep the tokenizer's own BOS")
     a("--train", help="alpaca-gpt4 (default), pydoc, or a .jsonl/.json with 'text' or Alpaca fields")
@@ -843,6 +935,13 @@ def build_parser():
     a("--no-rank-alloc", action="store_true", help="uniform rank Omega_t")
     a("--no-finetune", action="store_true", help="prune only (--steps 1 --no-rmi: one-shot Wanda/SparseGPT)")
     a("--grad-checkpoint", action="store_true", help="checkpoint decoder blocks while fine-tuning")
+    a("--compare", action="store_true", help="score dense, one-shot, w. LoRA and w. LoSA rows on the same data into OUT/compare.json (the demo does)")
+    a("--ablation", action="store_true", help="with --compare: also LoSA without RMI, without rank allocation, and without both")
+    a("--data-dir", help="with --compare: score on eval.py's files here (wikitext2.jsonl, <task>.jsonl) instead of the Hub")
+    a("--tasks", help="with --compare: wikitext2 and zero-shot tasks, comma-separated (default all eight; the demo without --data-dir: perplexity of held-back pydoc text)")
+    a("--limit", type=int, help="with --compare: first N documents of each zero-shot task")
+    a("--eval-seqlen", type=int, help="with --compare: perplexity window (default the model's max_position_embeddings; pydoc 512)")
+    a("--eval-batch-size", type=int, default=8, help="with --compare: sequences per scoring forward pass")
     a("--out", help="output folder (default out/<model>-<pruner>-<S or N:M>)")
     a("--overwrite", action="store_true")
     a("--seed", type=int, default=0)
@@ -859,6 +958,11 @@ def validate(args):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.nm = parse_nm(args.pattern)
+    args.pruners = args.pruner.split(",")
+    if any(p not in PRUNERS for p in args.pruners) or len(set(args.pruners)) < len(args.pruners):
+        raise ValueError(f"--pruner must be wanda, sparsegpt, or with --compare both (wanda,sparsegpt), got {args.pruner!r}")
+    args.compare = args.compare or demo
+    validate_compare(args)
     if not 0 <= args.sparsity < 1:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.steps < 1:
@@ -881,14 +985,37 @@ def validate(args):
             if not path.endswith((".jsonl", ".json") if flag == "--train" else (".txt", ".jsonl", ".json")):
                 raise ValueError(f"{flag}: unsupported file type (want .jsonl/.json{'' if flag == '--train' else '/.txt'}): {path}")
     name = os.path.basename(os.path.normpath(args.model or "smollm2-135m")).removesuffix(".gguf")
-    args.out = args.out or os.path.join("out", f"{name}-{args.pruner}-{args.pattern if args.nm else args.sparsity}")
+    args.out = args.out or os.path.join("out", f"{name}-{args.pruner.replace(',', '+')}-{args.pattern if args.nm else args.sparsity}")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
     return args
 
 
+def validate_compare(args):
+    """The checks of --compare and of the flags that only it reads."""
+    from eval import TASKS
+
+    alone = [f for f, v in (("--ablation", args.ablation), ("--data-dir", args.data_dir), ("--tasks", args.tasks), ("--limit", args.limit),
+                            ("--eval-seqlen", args.eval_seqlen), ("several pruners", len(args.pruners) > 1)) if v]
+    if alone and not args.compare:
+        raise ValueError(f"{alone[0]} needs --compare")
+    if args.compare and (args.no_rmi or args.no_rank_alloc or args.no_finetune):
+        raise ValueError("--compare sets RMI, rank allocation and fine-tuning row by row: drop --no-rmi, --no-rank-alloc, --no-finetune")
+    if args.tasks and args.train == "pydoc" and args.data_dir is None:
+        raise ValueError("--tasks needs --data-dir or a --train other than pydoc: with pydoc, the held-back pydoc text is scored")
+    args.tasks = [t.strip() for t in (args.tasks or ",".join(["wikitext2", *TASKS])).split(",") if t.strip()]
+    for t in args.tasks:
+        if t != "wikitext2" and t not in TASKS:
+            raise ValueError(f"--tasks: unknown task {t!r} (choose from wikitext2, {', '.join(TASKS)})")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise ValueError(f"--data-dir: no such folder: {args.data_dir}")
+    for k in ("limit", "eval_seqlen", "eval_batch_size"):
+        if getattr(args, k) is not None and getattr(args, k) < (2 if k == "eval_seqlen" else 1):
+            raise ValueError(f"--{k.replace('_', '-')} must be at least {2 if k == 'eval_seqlen' else 1}")
+
+
 def settings_from(args):
-    return Settings(sparsity=args.sparsity, steps=args.steps, pruner=args.pruner, nm=args.nm, rmi=not args.no_rmi,
+    return Settings(sparsity=args.sparsity, steps=args.steps, pruner=args.pruners[0], nm=args.nm, rmi=not args.no_rmi,
                     rank_alloc=not args.no_rank_alloc, finetune=not args.no_finetune, mean_rank=args.mean_rank,
                     r_max=args.r_max, lora_dropout=args.lora_dropout, rmi_samples=min(64, args.nsamples),
                     batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed)
@@ -900,8 +1027,8 @@ def fail(msg, code=2):
 
 
 def load_data(args, tokenizer):
-    """Calibration windows (nsamples, seqlen), fine-tuning examples, and the demo's held-back text."""
-    calib_text, train_text, eval_text = pydoc_slices()
+    """Calibration windows (nsamples, seqlen) and fine-tuning examples."""
+    calib_text, train_text, _ = pydoc_slices()
     docs = [calib_text] if args.calib == "pydoc" else calibration_docs(args.calib)
     bos = tokenizer.bos_token_id if args.window_bos else None
     calib_ids = sample_windows(docs, tokenizer, args.nsamples, args.seqlen, args.seed, bos)
@@ -909,8 +1036,18 @@ def load_data(args, tokenizer):
         texts = chunk_text(train_text, tokenizer, args.max_len)[: args.train_samples]
     else:
         texts = training_texts(args.train, args.train_samples)
-    eval_ids = tokenizer(eval_text, return_tensors="pt", add_special_tokens=bos is None).input_ids
-    return calib_ids, tokenize_examples(texts, tokenizer, args.max_len), eval_ids
+    return calib_ids, tokenize_examples(texts, tokenizer, args.max_len)
+
+
+def load_eval_data(args):
+    """(text for perplexity or None, {task: documents}) to score the comparison: eval.py's files, the Hub,
+    or, with --train pydoc (the demo), the slice of Python's docs held back from calibration and training."""
+    from eval import load_docs, load_wikitext
+
+    if args.data_dir is None and args.train == "pydoc":  # the slice of Python's docs held back from calibration and training
+        return pydoc_slices()[2], {}
+    text = load_wikitext(args.data_dir) if "wikitext2" in args.tasks else None
+    return text, {t: load_docs(t, args.data_dir, args.limit) for t in args.tasks if t != "wikitext2"}
 
 
 def check_model(model, nm):
@@ -941,14 +1078,29 @@ def save(model, tokenizer, report, out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def baselines(model, calib_ids, cfg, pad_id, evaluate):
-    """`evaluate()` of the dense model and after one-shot pruning (same pruner, no fine-tuning); model restored."""
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    dense = evaluate()
-    losa(model, calib_ids, [], Settings(**{**asdict(cfg), "steps": 1, "rmi": False, "finetune": False}), pad_id)
-    oneshot = evaluate()
-    model.load_state_dict(original)
-    return dict(dense=dense, oneshot=oneshot)
+def run_report(model, path, cfg, data, steps, seconds):
+    """losa_report.json: settings, data, the per-step report, and the achieved sparsity of `model` now."""
+    return dict(model=path, settings=asdict(cfg), data=data, steps=steps, sparsity=achieved_sparsity(decoder_layers(model)), seconds=seconds)
+
+
+def run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report, meta):
+    """compare() into a staging folder renamed to --out at the end: the LoSA model with its report
+    (one folder per pruner when there are several) and compare.json: `meta` and every row."""
+    stage = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
+    where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
+    keep = lambda row: save(model, tokenizer, report(replace(cfg, pruner=row["pruner"]), row["steps"], row["seconds"]), where(row["pruner"]))
+    try:
+        os.makedirs(stage)
+        names = ["oneshot", "lora", "losa", *(ABLATION if args.ablation else [])]
+        rows = compare(model, calib_ids, plan, cfg, args.pruners, names, score, keep)
+        with open(os.path.join(stage, "compare.json"), "w") as f:
+            json.dump(dict(**meta, rows=rows), f, indent=1)
+        if os.path.exists(args.out):
+            shutil.rmtree(args.out)
+        os.replace(stage, args.out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return rows
 
 
 def redraw(report_path):
@@ -972,15 +1124,19 @@ def main(argv=None):
         validate(args)
     except ValueError as e:
         fail(e)
-    from eval import load_model, perplexity
+    from eval import load_model
 
-    tic, demo = time.time(), args.model is None
-    path = smollm2_gguf() if demo else args.model
+    tic, pydoc = time.time(), args.train == "pydoc" and args.data_dir is None
+    path = smollm2_gguf() if args.model is None else args.model
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
     cfg = settings_from(args)
     print(f"LoSA: {path} -> {args.out}\n  {args.pruner}, {args.pattern if args.nm else f'sparsity {args.sparsity}'}, "
           f"T={args.steps}, calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, fine-tuning "
           f"{args.train_samples} examples of {args.train} (<= {args.max_len} tokens), {args.device} {dtype}")
+    try:  # the scoring data first: a bad file should not cost a model load
+        text, docs = load_eval_data(args) if args.compare else (None, {})
+    except Exception as e:
+        fail(f"cannot load data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     try:
         model, tokenizer = load_model(path, args.device, dtype)
         check_model(model, args.nm)
@@ -988,34 +1144,34 @@ def main(argv=None):
             raise ValueError("--window-bos: the tokenizer has no BOS token")
     except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
         fail(f"cannot use model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    seqlen = args.eval_seqlen or (512 if pydoc else min(model.config.max_position_embeddings, 4096))  # as eval.py
     try:
-        calib_ids, examples, eval_ids = load_data(args, tokenizer)
+        calib_ids, examples = load_data(args, tokenizer)
+        bos = tokenizer.bos_token_id if args.window_bos else None
+        score = scorer(model, tokenizer, text, docs, seqlen, args.eval_batch_size, bos)
     except Exception as e:
         fail(f"cannot load data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eval_ids, ppl = eval_ids[:, : 16 * 512], {}  # the demo's held-back slice, 512-token windows
-    bos = tokenizer.bos_token_id if args.window_bos else None
-    if demo:
-        ppl = baselines(model, calib_ids, cfg, pad_id, lambda: perplexity(model, eval_ids, 512, bos=bos))
+    plan = update_plan(examples, cfg.steps, cfg.batch_size, cfg.grad_accum, pad_id, cfg.seed)
+    data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, window_bos=args.window_bos, train=args.train,
+                train_examples=len(examples), max_len=args.max_len)
+    report = lambda c, steps, seconds: run_report(model, path, c, data, steps, seconds)
     try:
-        steps = losa(model, calib_ids, examples, cfg, pad_id)
+        if not args.compare:
+            save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
+            print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
+            return
+        scoring = dict(source="held-back pydoc text" if pydoc else args.data_dir or "the Hub", tasks=[] if pydoc else args.tasks,
+                       seqlen=seqlen, limit=args.limit, batch_size=args.eval_batch_size)
+        rows = run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report, dict(model=path, data=data, scoring=scoring))
     except NonFiniteLoss as e:
         fail(f"{e}; nothing written", code=1)
     except IllConditionedHessian as e:
         fail(f"{e}; nothing written")
-    sparsity = achieved_sparsity(decoder_layers(model))
-    if demo:
-        ppl["losa"] = perplexity(model, eval_ids, 512, bos=bos)
-    report = dict(model=path, settings=asdict(cfg), data=dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                  window_bos=args.window_bos, train=args.train, train_examples=len(examples), max_len=args.max_len),
-                  steps=steps, sparsity=sparsity, seconds=time.time() - tic, **({"ppl": ppl} if ppl else {}))
-    save(model, tokenizer, report, args.out)
-    print(f"\nachieved sparsity {sparsity:.4f}, total {report['seconds'] / 60:.1f} min, saved to {args.out}")
-    if ppl:
-        print(f"perplexity on held-back text ({eval_ids.shape[1]} tokens):")
-        print("\n".join(f"  {k:<8} {v:10.2f}" for k, v in ppl.items()))
+    print(f"\n{format_rows(rows)}\n\nscored on {scoring['source']}, perplexity windows of {seqlen} tokens; "
+          f"total {(time.time() - tic) / 60:.1f} min; LoSA model and compare.json saved to {args.out}")
 
 
 if __name__ == "__main__":

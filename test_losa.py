@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -410,12 +411,12 @@ def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
         dense = ev.perplexity(model, eval_ids, 512)
         calib = losa.sample_windows([calib_text], tok, 16, 256, 0)
         cfg = losa.Settings(sparsity=0.5, steps=1, rmi=False, finetune=False)
-        losa.losa(model, calib, [], cfg, tok.eos_token_id)
+        losa.losa(model, calib, [[]], cfg)
         sparsity = losa.achieved_sparsity(losa.decoder_layers(model))
         pruned = ev.perplexity(model, eval_ids, 512)
         model.load_state_dict(original)
         model.to(torch.bfloat16)  # the same run in bf16, the default on GPU
-        losa.losa(model, calib, [], cfg, tok.eos_token_id)
+        losa.losa(model, calib, [[]], cfg)
         rows_bf16 = [(lin.weight == 0).sum(1) for b in losa.decoder_layers(model) for lin in losa.projections(b).values()]
         pruned_bf16 = ev.perplexity(model, eval_ids, 512)
     finally:
@@ -626,6 +627,13 @@ BAD = {
     "missing calibration file": (["--calib", "/nonexistent/calib.txt"], "no such file"),
     "missing training file": (["--train", "/nonexistent/train.jsonl"], "no such file"),
     "unloadable model": (["--model", "/nonexistent/model"], "cannot use model"),
+    "unknown pruner": (["--pruner", "magnitude"], "--pruner"),
+    "two pruners without --compare": (["--pruner", "wanda,sparsegpt"], "needs --compare"),
+    "ablation without --compare": (["--ablation"], "needs --compare"),
+    "compare with a row's flag": (["--compare", "--no-rmi"], "--compare sets"),
+    "unknown task": (["--compare", "--tasks", "wikitext2,mmlu"], "unknown task"),
+    "missing data folder": (["--compare", "--data-dir", "/nonexistent/data"], "--data-dir"),
+    "missing data file": (["--compare", "--data-dir", "/"], "cannot load data"),
 }
 
 
@@ -703,6 +711,76 @@ def test_cli_in_bfloat16_keeps_exact_sparsity_through_merges(tiny_run):
     assert sum(s > 0 for s in report["steps"][-1]["layer_sparsity"]["achieved"]) == 4
 
 
+def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, tokenizer_dir, monkeypatch):
+    """--compare --ablation with both pruners: every row starts from the dense weights bit for bit, sees
+    the same calibration windows; w. LoRA trains on LoSA's examples, in LoSA's order, with as many updates
+    and LoSA's mean number of LoRA parameters; compare.json holds the settings each row ran with."""
+    tmp, base = tiny_run
+    write_data(tmp / "data")
+    fresh = AutoModelForCausalLM.from_pretrained(tmp / "model")
+    reference = {k: v.clone() for k, v in fresh.state_dict().items()}
+    runs, real_losa, real_finetune = [], losa.losa, losa.finetune
+
+    def spy_losa(model, calib_ids, plan, cfg):
+        state = model.state_dict()
+        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+        runs.append(dict(settings=json.loads(json.dumps(asdict(cfg))), calib=calib_ids.clone(), fed=[], params=[]))
+        return real_losa(model, calib_ids, plan, cfg)
+
+    def spy_finetune(model, mods, updates, cfg, t):
+        runs[-1]["fed"].append([[(b["input_ids"].clone(), b["attention_mask"].clone()) for b in group] for group in updates])
+        runs[-1]["params"].append(sum(m.rank * (m.lora_A.shape[1] + m.lora_B.shape[0]) for m in mods))  # active LoRA parameters
+        return real_finetune(model, mods, updates, cfg, t)
+
+    monkeypatch.setattr(losa, "losa", spy_losa)
+    monkeypatch.setattr(losa, "finetune", spy_finetune)
+    out = tmp / "cmp"
+    args = base + ["--steps", "3", "--sparsity", "0.5", "--compare", "--ablation", "--pruner", "wanda,sparsegpt",
+                   "--data-dir", str(tmp / "data"), "--eval-seqlen", "128", "--out", str(out)]
+    assert run_cli(args) == 0
+    result = json.loads((out / "compare.json").read_text())
+    rows = result["rows"]
+    assert result["scoring"] == dict(source=str(tmp / "data"), tasks=["wikitext2", *ev.TASKS], seqlen=128, limit=None, batch_size=8)
+    names = ["oneshot", "lora", "losa", "losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]
+    assert [(r["name"], r["pruner"]) for r in rows] == [("dense", None)] + [(n, p) for p in ("wanda", "sparsegpt") for n in names]
+    assert len(runs) == 12 and all(torch.equal(r["calib"], runs[0]["calib"]) for r in runs)
+    assert sorted(json.dumps(r["settings"], sort_keys=True) for r in rows[1:]) == sorted(json.dumps(r["settings"], sort_keys=True) for r in runs)
+    by = {(r["name"], r["pruner"]): r for r in rows}
+    run_of = {(n, p): next(r for r in runs if r["settings"] == by[(n, p)]["settings"]) for n, p in by if p}
+    text = ev.load_wikitext(str(tmp / "data"))
+    ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text, return_tensors="pt").input_ids
+    assert by[("dense", None)]["ppl"] == pytest.approx(ev.perplexity(fresh, ids, 128), rel=1e-5)
+    tok = AutoTokenizer.from_pretrained(tmp / "model")
+    examples = losa.tokenize_examples(losa.read_texts(str(tmp / "train.jsonl"))[:16], tok, 48)
+    unpad = lambda step: [tuple(row[m == 1].tolist()) for group in step for rows_, masks in group for row, m in zip(rows_, masks)]
+    for p in ("wanda", "sparsegpt"):
+        losa_row, lora_row = by[("losa", p)], by[("lora", p)]
+        assert losa_row["settings"] == {**asdict(losa.Settings(sparsity=0.5, steps=3, pruner=p, batch_size=4, grad_accum=1, rmi_samples=4,
+                                                                lr=2e-4)), "nm": None}
+        assert lora_row["settings"] == {**losa_row["settings"], "steps": 1, "rmi": False, "rank_alloc": False, "mean_rank": 7}
+        assert by[("oneshot", p)]["settings"] == {**losa_row["settings"], "steps": 1, "rmi": False, "finetune": False}
+        assert by[("losa_uniform", p)]["settings"] == {**losa_row["settings"], "rmi": False, "rank_alloc": False}
+        fed_losa, fed_lora = run_of[("losa", p)]["fed"], run_of[("lora", p)]["fed"]
+        assert len(fed_losa) == 3 and len(fed_lora) == 1
+        flat = [u for step in fed_losa for u in step]
+        assert len(flat) == len(fed_lora[0]) == losa_row["updates"] == lora_row["updates"] == 6
+        assert all(len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b)) for a, b in zip(flat, fed_lora[0]))
+        for t, step in enumerate(fed_losa):  # step t fine-tunes on its even share of the examples, each once
+            assert sorted(unpad(step)) == sorted(map(tuple, examples[t * 16 // 3 : (t + 1) * 16 // 3]))
+        per_rank = sum(lin.in_features + lin.out_features for lin in losa.projections(fresh.model.layers[0]).values())
+        assert run_of[("losa", p)]["params"] == [omega * 4 * per_rank for omega in (6, 7, 8)]  # Omega_t L ranks per step
+        assert run_of[("lora", p)]["params"] == [7 * 4 * per_rank]  # their mean: the same parameter budget
+        assert by[("oneshot", p)]["updates"] == 0 and len(by[("lora", p)]["steps"][0]["ranks"]) == 4
+        for r in (by[(n, p)] for n in names):
+            assert set(r) >= {"name", "ppl", "acc", "mean_acc", "settings", "updates", "seconds"} and math.isfinite(r["ppl"])
+            assert set(r["acc"]) == set(ev.TASKS) and r["mean_acc"] == pytest.approx(sum(r["acc"].values()) / 7)
+            assert abs(r["sparsity"] - 0.5) <= 0.02
+    for p in ("wanda", "sparsegpt"):  # the LoSA models, one folder per pruner
+        report = json.loads((out / p / "losa_report.json").read_text())
+        assert report["settings"] == by[("losa", p)]["settings"] and report["steps"] == by[("losa", p)]["steps"]
+        assert report["sparsity"] == pytest.approx(by[("losa", p)]["sparsity"])
+
+
 def test_demo_shortened_on_smollm2(tmp_path, capsys):
     """`python losa.py` with tiny budgets: exactly as sparse as asked, LoSA below one-shot pruning."""
     out = tmp_path / "demo"
@@ -718,10 +796,13 @@ def test_demo_shortened_on_smollm2(tmp_path, capsys):
     for b, s in zip(blocks, assigned):  # floor(s_l d_in) pruned in every row (the .gguf weights hold a few zeros of their own)
         assert all(((lin.weight == 0).sum(1) >= int(s * lin.in_features)).all() for lin in losa.projections(b).values())
     assert zeros / total == pytest.approx(report["sparsity"]) and abs(zeros / total - 0.7) < 2e-3
-    ppl = report["ppl"]
-    print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, LoSA {ppl['losa']:.2f}")
-    assert ppl["dense"] < ppl["losa"] < ppl["oneshot"]
-    assert "perplexity on held-back text" in capsys.readouterr().out
+    rows = {r["name"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    ppl = {name: r["ppl"] for name, r in rows.items()}
+    print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, w. LoRA {ppl['lora']:.2f}, LoSA {ppl['losa']:.2f}")
+    assert list(rows) == ["dense", "oneshot", "lora", "losa"] and all(r["acc"] == {} and r["mean_acc"] is None for r in rows.values())
+    assert ppl["dense"] < ppl["losa"] < ppl["oneshot"] and ppl["lora"] < ppl["oneshot"]
+    assert rows["lora"]["updates"] == rows["losa"]["updates"] == 8 and abs(rows["lora"]["sparsity"] - 0.7) < 2e-3
+    assert "scored on held-back pydoc text" in capsys.readouterr().out
 
 
 def test_losa_shortened_on_gemma3(gemma3, tmp_path):
@@ -739,11 +820,11 @@ def test_losa_shortened_on_gemma3(gemma3, tmp_path):
     original = {k: v.clone() for k, v in model.state_dict().items() if ".layers." in k}  # all that LoSA changes
     try:
         dense = ppl()
-        losa.losa(model, calib, [], losa.Settings(sparsity=0.7, steps=1, rmi=False, finetune=False), pad)
+        losa.losa(model, calib, [[]], losa.Settings(sparsity=0.7, steps=1, rmi=False, finetune=False))
         oneshot = ppl()
         model.load_state_dict(original, strict=False)
         cfg = losa.Settings(sparsity=0.7, steps=2, batch_size=4, grad_accum=1, lr=1e-3, rmi_samples=8)
-        report = losa.losa(model, calib, examples, cfg, pad)
+        report = losa.losa(model, calib, losa.update_plan(examples, cfg.steps, cfg.batch_size, cfg.grad_accum, pad, cfg.seed), cfg)
         pruned = ppl()
         losa.save(model, tok, report, str(tmp_path / "gemma"))
         with torch.no_grad():
@@ -760,6 +841,7 @@ def test_losa_shortened_on_gemma3(gemma3, tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     print(f"\nGemma 3 270M, 70 %, 8 x 256 calibration, 32 examples: perplexity dense {dense:.2f}, one-shot {oneshot:.2f}, LoSA {pruned:.2f}")
     assert dense < pruned < oneshot
+
 
 # ---------------------------------------------------------------------------------------------
 # eval.py: the harness's prompts, token rules and metrics, against direct computations
