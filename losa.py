@@ -12,8 +12,8 @@ fine-tuned in between, so that the LoRA merges back into an exactly sparse model
     final merge:   W + s (BA) * M, zero pattern unchanged
 
 Deliberately different from the released code (see README): LoRA allocated at r_max (no silent
-cap at 8), the exact closed-form layer-sparsity optimum, fine-tuning data split evenly over the
-steps, N:M implemented, nothing keyed on model names, Gram matrices and a dense stream instead of
+cap at 8), the exact closed-form layer-sparsity optimum, the released per-step data shares (60 % at
+the last step) with every example used once, N:M implemented, nothing keyed on model names, Gram matrices and a dense stream instead of
 stored features and outputs (host memory ~ the model, not ~64 GB for 7B).
 
     python losa.py                                                  # offline demo, SmolLM2-135M
@@ -21,15 +21,19 @@ stored features and outputs (host memory ~ the model, not ~64 GB for 7B).
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare  # its Table 1 rows
 """
 import argparse
+import itertools
 import json
 import math
 import os
+import platform
 import random
 import shutil
+import statistics
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 
 import torch
 import torch.nn as nn
@@ -49,6 +53,8 @@ class Settings:
     rmi: bool = True  # layer sparsities from RMI; False = uniform S_t
     rank_alloc: bool = True  # ranks from reconstruction errors; False = uniform Omega_t
     finetune: bool = True  # False = prune only
+    masked: bool = True  # False = plain LoRA, a dense delta left unmerged (the paper's w. LoRA baseline; T = 1 only)
+    shares: tuple | None = None  # fraction of the fine-tuning examples per step; None = released_shares(T)
     mean_rank: int = 6  # Omega_1; Omega_{t+1} = Omega_t + 1
     r_min: int = 1
     r_max: int = 16  # LoRA modules are allocated at r_max
@@ -528,7 +534,8 @@ def add_keeping_zeros(W, d):
 
 
 class MaskedLoRALinear(nn.Module):
-    """base(x) + s dropout(x) ((B[:, :r] A[:r]) * M)^T with M = 1[W != 0]; merges into an equally sparse W."""
+    """base(x) + s dropout(x) ((B[:, :r] A[:r]) * M)^T with M = 1[W != 0]; merges into an equally sparse W.
+    With masked = False it is plain LoRA, base(x) + s dropout(x) (B A)^T, whose delta is dense."""
 
     def __init__(self, base: nn.Linear, r_max=16, alpha=32, dropout=0.1):
         super().__init__()
@@ -539,16 +546,19 @@ class MaskedLoRALinear(nn.Module):
         self.rank = r_max  # active rank r <= r_max; components beyond it are frozen
         self.scaling = alpha / r_max
         self.dropout = nn.Dropout(dropout)
+        self.masked = True
 
     def delta(self):
-        """s (B[:, :r] A[:r]) * M, the masked update, in float32 (or the LoRA's own dtype if wider)."""
-        W = self.base.weight
-        return self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]).float() * (W != 0)
+        """s (B[:, :r] A[:r]) * M, the masked update (unmasked: s B[:, :r] A[:r]), in float32 (or the LoRA's dtype if wider)."""
+        BA = self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]).float()
+        return BA * (self.base.weight != 0) if self.masked else BA
 
     def forward(self, x):
         if self.rank == 0:
             return self.base(x)
         A, B = self.lora_A[: self.rank].to(x.dtype), self.lora_B[:, : self.rank].to(x.dtype)
+        if not self.masked:  # plain LoRA as peft computes it: y = x W^T + s dropout(x) (B A)^T
+            return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), A), B)
         xa = self.dropout(x) if self.training and self.dropout.p > 0 else None
         return _MaskedLoRA.apply(x, xa, self.base.weight, self.base.bias, A, B, self.scaling)
 
@@ -595,13 +605,23 @@ def adapters_off(mods):
             m.rank = r
 
 
-def unwrap_(model):
-    """Replace every MaskedLoRALinear by its merged nn.Linear (the final merge)."""
+def unwrap_(model, merge=True):
+    """Replace every MaskedLoRALinear by its merged nn.Linear (the final merge), or by its base (the LoRA dropped)."""
     for block in decoder_layers(model):
         for name, m in list(block.named_modules()):
             if isinstance(m, MaskedLoRALinear):
                 parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, m.merge())
+                setattr(block.get_submodule(parent), child, m.merge() if merge else m.base)
+
+
+@torch.no_grad()
+def restore_(model, dense):
+    """The original model again: adapters dropped, the original projections (`dense`, from dense_weights) copied
+    back; nothing else is ever changed (LoSA freezes every other parameter and prunes projections only)."""
+    unwrap_(model, merge=False)
+    for block, weights in zip(decoder_layers(model), dense, strict=True):
+        for lin, w in zip(projections(block).values(), weights, strict=True):
+            lin.weight.copy_(w)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -650,13 +670,22 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def update_plan(examples, T, batch_size, grad_accum, pad_id, seed):
-    """The fine-tuning of T steps: an even share of the examples per step, shuffled, cut into updates
-    of grad_accum micro-batches. Built once, so that every row of a comparison sees the same updates."""
+def released_shares(T):
+    """The released code's fine-tuning shares: 60 % at the last step, 40 % evenly over the first T - 1
+    (T = 5: 10/10/10/10/60 %, as its Alpaca rows 1000-1999, ..., 4000-9999)."""
+    return (1.0,) if T == 1 else (0.4 / (T - 1),) * (T - 1) + (0.6,)
+
+
+def update_plan(examples, shares, batch_size, grad_accum, pad_id, seed):
+    """The fine-tuning of T = len(shares) steps: step t gets examples [floor(N c_{t-1}), floor(N c_t)),
+    c_t = share_1 + ... + share_t (each example once), shuffled and cut into updates of grad_accum
+    micro-batches. Built once, so that every row of a comparison sees the same updates."""
     generator = torch.Generator().manual_seed(seed)
+    cum = itertools.accumulate(Fraction(f).limit_denominator(10**6) for f in shares)  # exact 1/10, 1/3, ...
+    bounds = [0] + [math.floor(len(examples) * c) for c in cum]
     plan = []
-    for t in range(T):
-        micro = list(batches(examples[t * len(examples) // T : (t + 1) * len(examples) // T], batch_size, pad_id, generator))
+    for lo, hi in zip(bounds, bounds[1:]):
+        micro = list(batches(examples[lo:hi], batch_size, pad_id, generator))
         plan.append([micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)])
     return plan
 
@@ -700,17 +729,22 @@ def step_sparsities(model, x0, kwargs, s_t, cfg):
     return layer_sparsities(C, s_t, sparsity_delta(s_t), cfg.beta)
 
 
-def losa(model, calib_ids, plan, cfg: Settings):
-    """Algorithm 1 on `model`, in place; `plan[t - 1]`: the updates of step t (update_plan).
-    Returns the per-step report. The LoRA is merged at the end."""
+def losa(model, calib_ids, plan, cfg: Settings, dense=None):
+    """Algorithm 1 on `model`, in place; `plan[t - 1]`: the updates of step t (update_plan); `dense`: the
+    original projections if already copied (dense_weights). Returns the per-step report. The LoRA is merged
+    at the end, except an unmasked one (cfg.masked False), which stays in place, unmerged."""
+    if not cfg.masked and cfg.steps != 1:
+        raise ValueError("plain (unmasked) LoRA runs one step: its dense delta cannot be merged and pruned again")
     torch.manual_seed(cfg.seed)
     layers = decoder_layers(model)
     T = cfg.steps
     x0, kwargs = capture_block_inputs(model, calib_ids)
-    dense = dense_weights(model)  # the original model, for E_l
+    dense = dense_weights(model) if dense is None else dense  # the original model, for E_l
     model.requires_grad_(False)  # only A and B train: no gradients for embeddings, norms, lm_head
     lora = add_lora(model, cfg.r_max, cfg.alpha, cfg.lora_dropout)  # one list of wrappers per block
     mods = [m for block in lora for m in block]
+    for m in mods:
+        m.masked = cfg.masked
     target = 1 - cfg.nm[0] / cfg.nm[1] if cfg.nm else cfg.sparsity
     omega, report = cfg.mean_rank, []  # Omega_1
     for t in range(1, T + 1):
@@ -726,14 +760,17 @@ def losa(model, calib_ids, plan, cfg: Settings):
         for block, r in zip(lora, ranks):
             for m in block:
                 m.rank = r
-        losses = finetune(model, mods, plan[t - 1], cfg, t) if cfg.finetune and plan[t - 1] else []
+        fed = plan[t - 1] if cfg.finetune else []  # this step's updates, lists of micro-batches
+        losses = finetune(model, mods, fed, cfg, t) if fed else []
         report.append(dict(step=t, target_sparsity=s_t, delta=sparsity_delta(s_t),
                            layer_sparsity=dict(assigned=s_l, achieved=[achieved_sparsity([b]) for b in layers]),
                            ranks=ranks, mean_rank=sum(ranks) / len(ranks), reconstruction_error=errors,
+                           examples=sum(len(b["input_ids"]) for u in fed for b in u), updates=len(fed),
                            train_loss=losses, seconds=time.time() - tic,
                            **({"damping": damping} if cfg.pruner == "sparsegpt" else {})))
         omega += 1  # Omega_{t+1} = Omega_t + 1
-    unwrap_(model)  # final merge: W + s (BA) * M, zero pattern unchanged
+    if cfg.masked:
+        unwrap_(model)  # final merge: W + s (BA) * M, zero pattern unchanged
     return report
 
 
@@ -806,28 +843,33 @@ def plot_report(report, path):
 ROWS = {  # row -> its settings against LoSA's, in the order rows run (w. LoRA needs LoSA's ranks)
     "oneshot": dict(steps=1, rmi=False, finetune=False),  # the pruner alone, uniform S
     "losa": {},
-    "lora": dict(steps=1, rmi=False, rank_alloc=False),  # one-shot, then LoRA at LoSA's mean rank
+    "lora": dict(steps=1, rmi=False, rank_alloc=False),  # one-shot, then masked LoRA at LoSA's mean rank
+    "lora_dense": dict(steps=1, rmi=False, rank_alloc=False, masked=False),  # the paper's w. LoRA: unmasked, unmerged
     "losa_no_rmi": dict(rmi=False),
     "losa_no_rank_alloc": dict(rank_alloc=False),
     "losa_uniform": dict(rmi=False, rank_alloc=False),
 }
-ABLATION = ["losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]
-LABELS = {"dense": "Dense", "oneshot": "{}", "lora": "{} w. LoRA", "losa": "{} w. LoSA", "losa_no_rmi": "{} w. LoSA, no RMI",
-          "losa_no_rank_alloc": "{} w. LoSA, no rank allocation", "losa_uniform": "{} w. LoSA, neither"}
+ABLATION = ["lora_dense", "losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]  # the rows --ablation adds
+ORDER = ["dense", "oneshot", "lora", "lora_dense", "losa", *ABLATION[1:]]  # the table's order
+LABELS = {"dense": "Dense", "oneshot": "{}", "lora": "{} w. LoRA", "lora_dense": "{} w. LoRA, unmerged (dense delta)",
+          "losa": "{} w. LoSA", "losa_no_rmi": "{} w. LoSA, no RMI", "losa_no_rank_alloc": "{} w. LoSA, no rank allocation",
+          "losa_uniform": "{} w. LoSA, neither"}
+PPL_HEADERS = {"pydoc": "PPL pydoc (in domain)", "wikipedia": "PPL Wikipedia (out of domain)", "wikitext2": "PPL"}
 PAPER_TASKS = ["hellaswag", "winogrande", "boolq", "openbookqa", "piqa", "arc_easy", "arc_challenge"]  # Table 1's columns
 
 
-def scorer(model, tokenizer, text, docs, seqlen, batch_size, bos=None):
-    """-> score(): perplexity of `text` and accuracy on `docs` of `model` as it is then, by eval.py's functions
-    (with `bos`, every perplexity window is BOS + seqlen - 1 tokens of the text)."""
+def scorer(model, tokenizer, texts, docs, seqlen, batch_size, bos=None):
+    """-> score(): perplexity of each of `texts` ({name: text}) and accuracy on `docs` of `model` as it is then,
+    by eval.py's functions (with `bos`, every perplexity window is BOS + seqlen - 1 tokens of the text)."""
     from eval import evaluate_task, perplexity
 
-    ids = None if text is None else tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids
-    if ids is not None and ids.numel() < seqlen - (bos is not None):
-        raise ValueError(f"the perplexity text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    ids = {name: tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids for name, text in texts.items()}
+    for name, t in ids.items():
+        if t.numel() < seqlen - (bos is not None):
+            raise ValueError(f"the perplexity text {name} has {t.numel()} tokens, fewer than one window of {seqlen}")
 
     def score():
-        ppl = None if ids is None else perplexity(model, ids, seqlen, batch_size, progress=True, bos=bos)
+        ppl = {name: perplexity(model, t, seqlen, batch_size, progress=True, bos=bos) for name, t in ids.items()}
         acc = {t: evaluate_task(model, tokenizer, t, d, batch_size)[0]["acc"] for t, d in docs.items()}
         return dict(ppl=ppl, acc=acc, mean_acc=sum(acc.values()) / len(acc) if acc else None)
 
@@ -839,46 +881,74 @@ def lora_rank(losa_steps):
     return round(sum(s["mean_rank"] for s in losa_steps) / len(losa_steps))
 
 
-def compare(model, calib_ids, plan, cfg, pruners, names, score, keep):
+def row_sparsity(model):
+    """Zeros of the weights the model computes with. An unmerged plain LoRA computes with W + s B A, which is
+    dense: then `sparsity` is that of W + s B A and `base_sparsity` that of W."""
+    base = achieved_sparsity(decoder_layers(model))
+    mods = [m for m in model.modules() if isinstance(m, MaskedLoRALinear)]
+    if not mods:
+        return dict(sparsity=base)
+    with torch.no_grad():
+        zeros = sum(((m.base.weight.float() + m.delta()) == 0).sum().item() for m in mods)
+    return dict(sparsity=zeros / sum(m.base.weight.numel() for m in mods), base_sparsity=base,
+                scored_as="the sparse base plus an unmerged dense rank-r delta s B A per projection")
+
+
+def compare(model, calib_ids, plan, cfg, pruners, names, score, dense, keep=None, tag=""):
     """Dense, then the rows `names` for every pruner, all from the same model, calibration windows and
-    fine-tuning updates; the dense weights are restored after every row. keep(row) is called while the
-    losa row's model is in place. Returns the rows in the paper's order."""
-    dense = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+    fine-tuning updates; the original model (its projections `dense`) is restored after every row. keep(row)
+    is called while the losa row's model is in place. Returns the rows in the paper's order."""
     jobs = [(None, "dense")] + [(p, n) for p in pruners for n in ROWS if n in names]
     rows = []
     for k, (pruner, name) in enumerate(jobs, 1):
-        print(f"row {k} of {len(jobs)}: {name}{f' ({pruner})' if pruner else ''}", flush=True)
+        print(f"{tag}row {k} of {len(jobs)}: {name}{f' ({pruner})' if pruner else ''}", flush=True)
         tic, c, steps = time.time(), replace(cfg, pruner=pruner or cfg.pruner, **ROWS.get(name, {})), []
-        if name == "lora":  # LoSA's updates, in LoSA's order, under one schedule
+        if name.startswith("lora"):  # LoSA's updates, in LoSA's order, under one schedule
             c = replace(c, mean_rank=lora_rank(next(r["steps"] for r in rows if (r["name"], r["pruner"]) == ("losa", pruner))))
-            steps = losa(model, calib_ids, [[u for step in plan for u in step]], c)
+            steps = losa(model, calib_ids, [[u for step in plan for u in step]], c, dense)
         elif name != "dense":
-            steps = losa(model, calib_ids, plan if c.finetune else [[]], c)
+            steps = losa(model, calib_ids, plan if c.finetune else [[]], c, dense)
         seconds = time.time() - tic
-        rows.append(dict(name=name, pruner=pruner, settings=asdict(c) if pruner else {}, updates=sum(len(s["train_loss"]) for s in steps),
-                         seconds=seconds, steps=steps, sparsity=achieved_sparsity(decoder_layers(model)), **score()))
+        rows.append(dict(name=name, pruner=pruner, seed=cfg.seed, settings=asdict(c) if pruner else {},
+                         updates=sum(len(s["train_loss"]) for s in steps), seconds=seconds, steps=steps, **row_sparsity(model), **score()))
         print(f"  {name}: perplexity {rows[-1]['ppl']}, mean accuracy {rows[-1]['mean_acc']}, {seconds:.0f} s", flush=True)
-        if name == "losa":
+        if name == "losa" and keep is not None:
             keep(rows[-1])
-        model.load_state_dict(dense)
-    order = ["dense", "oneshot", "lora", "losa", *ABLATION]
-    return sorted(rows, key=lambda r: (pruners.index(r["pruner"]) if r["pruner"] else -1, order.index(r["name"])))
+        restore_(model, dense)
+    return sorted(rows, key=lambda r: (pruners.index(r["pruner"]) if r["pruner"] else -1, ORDER.index(r["name"])))
 
 
-def format_rows(rows):
-    """Markdown table in the layout of the paper's Table 1: method, sparsity, perplexity, accuracies, mean."""
+def summarize(rows):
+    """Per row (name, pruner), over its seeds: mean and sample standard deviation (None for one seed) of every score."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["pruner"]), []).append(r)
+    stat = lambda v: dict(mean=statistics.fmean(v), sd=statistics.stdev(v) if len(v) > 1 else None)
+    per = lambda rs, key: {k: stat([r[key][k] for r in rs]) for k in rs[0][key]}
+    return [dict(name=name, pruner=pruner, seeds=[r["seed"] for r in rs], settings=rs[0]["settings"],
+                 sparsity=stat([r["sparsity"] for r in rs]), ppl=per(rs, "ppl"), acc=per(rs, "acc"),
+                 mean_acc=None if rs[0]["mean_acc"] is None else stat([r["mean_acc"] for r in rs]))
+            for (name, pruner), rs in groups.items()]
+
+
+def format_rows(summary):
+    """Markdown table in the layout of the paper's Table 1: method, sparsity, one perplexity per text, accuracies,
+    mean; `mean ± sd` where a row ran with several seeds (summarize)."""
     from eval import COLUMNS
 
-    tasks = [t for t in PAPER_TASKS if any(t in r["acc"] for r in rows)]
-    head = ["Method", "Sparsity", "PPL", *(COLUMNS[t] for t in tasks), *(["Mean"] if tasks else [])]
-    pct = lambda v: "—" if v is None else f"{100 * v:.2f}"
+    texts = list(summary[0]["ppl"])
+    tasks = [t for t in PAPER_TASKS if any(t in r["acc"] for r in summary)]
+    head = ["Method", "Sparsity", *(PPL_HEADERS.get(t, f"PPL {t}") for t in texts), *(COLUMNS[t] for t in tasks), *(["Mean"] if tasks else [])]
+    cell = lambda st, f: "—" if st is None else f(st["mean"]) if st["sd"] is None else f"{f(st['mean'])} ± {f(st['sd'])}"
+    ppl, pct = (lambda v: f"{v:.2f}"), (lambda v: f"{100 * v:.2f}")
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for r in rows:
+    for r in summary:
         c = r["settings"]
         sparsity = "0%" if not c else f"{c['nm'][0]}:{c['nm'][1]}" if c["nm"] else f"{100 * c['sparsity']:g}%"
+        sparsity += " + dense delta" if c and not c["masked"] else ""
         name = LABELS[r["name"]].format({"wanda": "Wanda", "sparsegpt": "SparseGPT"}.get(r["pruner"], r["pruner"]))
-        cells = [name, sparsity, "—" if r["ppl"] is None else f"{r['ppl']:.2f}", *(pct(r["acc"].get(t)) for t in tasks)]
-        lines.append("| " + " | ".join(cells + ([pct(r["mean_acc"])] if tasks else [])) + " |")
+        cells = [name, sparsity, *(cell(r["ppl"][t], ppl) for t in texts), *(cell(r["acc"].get(t), pct) for t in tasks)]
+        lines.append("| " + " | ".join(cells + ([cell(r["mean_acc"], pct)] if tasks else [])) + " |")
     return "\n".join(lines)
 
 
@@ -931,14 +1001,21 @@ def build_parser():
     a("--mean-rank", type=int, default=6, help="Omega_1, the mean LoRA rank of step 1 (+1 per step)")
     a("--r-max", type=int, default=16)
     a("--lora-dropout", type=float, default=0.1)
+    a("--shares", help="fraction of the fine-tuning examples per step, comma-separated (T of them, summing to 1), "
+      "or 'even' (default: the released code's, 60%% at the last step and 40%% evenly over the others: T = 5 gives 0.1,0.1,0.1,0.1,0.6)")
     a("--no-rmi", action="store_true", help="uniform layer sparsity S_t")
     a("--no-rank-alloc", action="store_true", help="uniform rank Omega_t")
     a("--no-finetune", action="store_true", help="prune only (--steps 1 --no-rmi: one-shot Wanda/SparseGPT)")
     a("--grad-checkpoint", action="store_true", help="checkpoint decoder blocks while fine-tuning")
     a("--compare", action="store_true", help="score dense, one-shot, w. LoRA and w. LoSA rows on the same data into OUT/compare.json (the demo does)")
-    a("--ablation", action="store_true", help="with --compare: also LoSA without RMI, without rank allocation, and without both")
+    a("--ablation", action="store_true", help="with --compare: also the paper's w. LoRA (unmasked LoRA, scored unmerged: "
+      "a dense delta on the sparse model) and LoSA without RMI, without rank allocation, and without both")
+    a("--seeds", help="with --compare: every row for each of these seeds, comma-separated (e.g. 0,1,2); the table shows mean ± sd")
+    a("--ppl-text", action="append", default=[], metavar="TXT", help="with --compare: also score the perplexity of this "
+      "text file (one token stream, as WikiText-2); repeatable")
     a("--data-dir", help="with --compare: score on eval.py's files here (wikitext2.jsonl, <task>.jsonl) instead of the Hub")
-    a("--tasks", help="with --compare: wikitext2 and zero-shot tasks, comma-separated (default all eight; the demo without --data-dir: perplexity of held-back pydoc text)")
+    a("--tasks", help="with --compare: wikitext2 and zero-shot tasks, comma-separated (default all eight; with --train pydoc and "
+      "no --data-dir: the perplexity of held-back pydoc text, in domain, and of data/wikipedia.txt, out of domain)")
     a("--limit", type=int, help="with --compare: first N documents of each zero-shot task")
     a("--eval-seqlen", type=int, help="with --compare: perplexity window (default the model's max_position_embeddings; pydoc 512)")
     a("--eval-batch-size", type=int, default=8, help="with --compare: sequences per scoring forward pass")
@@ -961,12 +1038,13 @@ def validate(args):
     args.pruners = args.pruner.split(",")
     if any(p not in PRUNERS for p in args.pruners) or len(set(args.pruners)) < len(args.pruners):
         raise ValueError(f"--pruner must be wanda, sparsegpt, or with --compare both (wanda,sparsegpt), got {args.pruner!r}")
-    args.compare = args.compare or demo
+    args.compare = args.compare or (demo and not (args.no_rmi or args.no_rank_alloc or args.no_finetune))  # those: one row
     validate_compare(args)
     if not 0 <= args.sparsity < 1:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    args.shares = parse_shares(args.shares, args.steps)
     for k in ("nsamples", "train_samples", "batch_size", "grad_accum"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
@@ -996,7 +1074,8 @@ def validate_compare(args):
     from eval import TASKS
 
     alone = [f for f, v in (("--ablation", args.ablation), ("--data-dir", args.data_dir), ("--tasks", args.tasks), ("--limit", args.limit),
-                            ("--eval-seqlen", args.eval_seqlen), ("several pruners", len(args.pruners) > 1)) if v]
+                            ("--eval-seqlen", args.eval_seqlen), ("--seeds", args.seeds), ("--ppl-text", args.ppl_text),
+                            ("several pruners", len(args.pruners) > 1)) if v]
     if alone and not args.compare:
         raise ValueError(f"{alone[0]} needs --compare")
     if args.compare and (args.no_rmi or args.no_rank_alloc or args.no_finetune):
@@ -1009,16 +1088,40 @@ def validate_compare(args):
             raise ValueError(f"--tasks: unknown task {t!r} (choose from wikitext2, {', '.join(TASKS)})")
     if args.data_dir and not os.path.isdir(args.data_dir):
         raise ValueError(f"--data-dir: no such folder: {args.data_dir}")
+    for path in args.ppl_text:
+        if not os.path.isfile(path) or not path.endswith(".txt"):
+            raise ValueError(f"--ppl-text wants an existing .txt file: {path}")
+    try:
+        args.seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers such as 0,1,2, got {args.seeds!r}") from None
+    if len(set(args.seeds)) < len(args.seeds):
+        raise ValueError(f"--seeds: a seed is given twice: {args.seeds}")
     for k in ("limit", "eval_seqlen", "eval_batch_size"):
         if getattr(args, k) is not None and getattr(args, k) < (2 if k == "eval_seqlen" else 1):
             raise ValueError(f"--{k.replace('_', '-')} must be at least {2 if k == 'eval_seqlen' else 1}")
 
 
+def parse_shares(text, T):
+    """--shares -> T fractions summing to 1: None = the released code's, 'even' = 1/T each, or 'f1,...,fT'."""
+    if text is None:
+        return released_shares(T)
+    if text == "even":
+        return (1 / T,) * T
+    try:
+        shares = tuple(float(Fraction(v)) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--shares must be 'even' or comma-separated fractions such as 0.1,0.1,0.1,0.1,0.6, got {text!r}") from None
+    if len(shares) != T or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
+        raise ValueError(f"--shares needs {T} fractions (one per step), none negative, summing to 1; got {text!r}")
+    return shares
+
+
 def settings_from(args):
     return Settings(sparsity=args.sparsity, steps=args.steps, pruner=args.pruners[0], nm=args.nm, rmi=not args.no_rmi,
-                    rank_alloc=not args.no_rank_alloc, finetune=not args.no_finetune, mean_rank=args.mean_rank,
+                    rank_alloc=not args.no_rank_alloc, finetune=not args.no_finetune, shares=args.shares, mean_rank=args.mean_rank,
                     r_max=args.r_max, lora_dropout=args.lora_dropout, rmi_samples=min(64, args.nsamples),
-                    batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seed)
+                    batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seeds[0])
 
 
 def fail(msg, code=2):
@@ -1027,27 +1130,48 @@ def fail(msg, code=2):
 
 
 def load_data(args, tokenizer):
-    """Calibration windows (nsamples, seqlen) and fine-tuning examples."""
+    """Calibration documents (sample_windows draws each seed's windows from them) and fine-tuning examples."""
     calib_text, train_text, _ = pydoc_slices()
     docs = [calib_text] if args.calib == "pydoc" else calibration_docs(args.calib)
-    bos = tokenizer.bos_token_id if args.window_bos else None
-    calib_ids = sample_windows(docs, tokenizer, args.nsamples, args.seqlen, args.seed, bos)
     if args.train == "pydoc":
         texts = chunk_text(train_text, tokenizer, args.max_len)[: args.train_samples]
     else:
         texts = training_texts(args.train, args.train_samples)
-    return calib_ids, tokenize_examples(texts, tokenizer, args.max_len)
+    return docs, tokenize_examples(texts, tokenizer, args.max_len)
+
+
+WIKIPEDIA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wikipedia.txt")  # CC BY-SA 4.0, see data/README.md
 
 
 def load_eval_data(args):
-    """(text for perplexity or None, {task: documents}) to score the comparison: eval.py's files, the Hub,
-    or, with --train pydoc (the demo), the slice of Python's docs held back from calibration and training."""
+    """({name: text} to score perplexity on, {task: documents}) for the comparison: eval.py's files or the Hub,
+    or, with --train pydoc (the demo), the slice of Python's docs held back from calibration and training (in
+    domain) and Wikipedia (out of domain, as the paper's WikiText-2); --ppl-text files in every case."""
     from eval import load_docs, load_wikitext
 
-    if args.data_dir is None and args.train == "pydoc":  # the slice of Python's docs held back from calibration and training
-        return pydoc_slices()[2], {}
-    text = load_wikitext(args.data_dir) if "wikitext2" in args.tasks else None
-    return text, {t: load_docs(t, args.data_dir, args.limit) for t in args.tasks if t != "wikitext2"}
+    extra = {os.path.basename(p): read_texts(p)[0] for p in args.ppl_text}
+    if args.data_dir is None and args.train == "pydoc":
+        return dict(pydoc=pydoc_slices()[2], wikipedia=read_texts(WIKIPEDIA)[0], **extra), {}
+    texts = dict(wikitext2=load_wikitext(args.data_dir)) if "wikitext2" in args.tasks else {}
+    return {**texts, **extra}, {t: load_docs(t, args.data_dir, args.limit) for t in args.tasks if t != "wikitext2"}
+
+
+def machine(device, dtype):
+    """What made a report's numbers: versions, device (CPU model or GPU), dtype, threads. Figures reproduce to
+    the digit only where all of these are the same."""
+    import datasets
+    import transformers
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            name = platform.processor() or platform.machine()
+    return dict(torch=torch.__version__, transformers=transformers.__version__, datasets=datasets.__version__,
+                python=platform.python_version(), device=name, dtype=dtype, threads=torch.get_num_threads())
 
 
 def check_model(model, nm):
@@ -1078,29 +1202,36 @@ def save(model, tokenizer, report, out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_report(model, path, cfg, data, steps, seconds):
-    """losa_report.json: settings, data, the per-step report, and the achieved sparsity of `model` now."""
-    return dict(model=path, settings=asdict(cfg), data=data, steps=steps, sparsity=achieved_sparsity(decoder_layers(model)), seconds=seconds)
+def run_report(model, path, cfg, data, env, steps, seconds):
+    """losa_report.json: settings, data, machine, the per-step report, and the achieved sparsity of `model` now."""
+    return dict(model=path, settings=asdict(cfg), data=data, machine=env, steps=steps,
+                sparsity=achieved_sparsity(decoder_layers(model)), seconds=seconds)
 
 
-def run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report, meta):
-    """compare() into a staging folder renamed to --out at the end: the LoSA model with its report
-    (one folder per pruner when there are several) and compare.json: `meta` and every row."""
+def run_comparison(model, tokenizer, runs, args, score, report, meta):
+    """compare() for every seed, into a staging folder renamed to --out at the end: the first seed's LoSA
+    model with its report (one folder per pruner when there are several) and compare.json: `meta`, every
+    seed's rows and their summary (mean and sd per row and score). `runs`: (calibration windows, plan,
+    settings) per seed."""
     stage = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
     where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
-    keep = lambda row: save(model, tokenizer, report(replace(cfg, pruner=row["pruner"]), row["steps"], row["seconds"]), where(row["pruner"]))
+    keep = lambda row: save(model, tokenizer, report(replace(runs[0][2], pruner=row["pruner"]), row["steps"], row["seconds"]), where(row["pruner"]))
+    names = ["oneshot", "lora", "losa", *(ABLATION if args.ablation else [])]
     try:
         os.makedirs(stage)
-        names = ["oneshot", "lora", "losa", *(ABLATION if args.ablation else [])]
-        rows = compare(model, calib_ids, plan, cfg, args.pruners, names, score, keep)
+        dense, rows = dense_weights(model), []  # the original projections: restore_ needs no other copy of the model
+        for i, (calib_ids, plan, cfg) in enumerate(runs):
+            tag = f"seed {cfg.seed} ({i + 1} of {len(runs)}), " if len(runs) > 1 else ""
+            rows += compare(model, calib_ids, plan, cfg, args.pruners, names, score, dense, keep if i == 0 else None, tag)
+        summary = summarize(rows)
         with open(os.path.join(stage, "compare.json"), "w") as f:
-            json.dump(dict(**meta, rows=rows), f, indent=1)
+            json.dump(dict(**meta, seeds=[cfg.seed for _, _, cfg in runs], rows=rows, summary=summary), f, indent=1)
         if os.path.exists(args.out):
             shutil.rmtree(args.out)
         os.replace(stage, args.out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return rows
+    return summary
 
 
 def redraw(report_path):
@@ -1132,9 +1263,10 @@ def main(argv=None):
     cfg = settings_from(args)
     print(f"LoSA: {path} -> {args.out}\n  {args.pruner}, {args.pattern if args.nm else f'sparsity {args.sparsity}'}, "
           f"T={args.steps}, calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, fine-tuning "
-          f"{args.train_samples} examples of {args.train} (<= {args.max_len} tokens), {args.device} {dtype}")
+          f"{args.train_samples} examples of {args.train} (<= {args.max_len} tokens, per-step shares "
+          f"{','.join(f'{f:.3g}' for f in args.shares)}), {args.device} {dtype}")
     try:  # the scoring data first: a bad file should not cost a model load
-        text, docs = load_eval_data(args) if args.compare else (None, {})
+        texts, docs = load_eval_data(args) if args.compare else ({}, {})
     except Exception as e:
         fail(f"cannot load data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     try:
@@ -1145,32 +1277,38 @@ def main(argv=None):
     except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
         fail(f"cannot use model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     seqlen = args.eval_seqlen or (512 if pydoc else min(model.config.max_position_embeddings, 4096))  # as eval.py
+    bos = tokenizer.bos_token_id if args.window_bos else None
     try:
-        calib_ids, examples = load_data(args, tokenizer)
-        bos = tokenizer.bos_token_id if args.window_bos else None
-        score = scorer(model, tokenizer, text, docs, seqlen, args.eval_batch_size, bos)
+        docs_calib, examples = load_data(args, tokenizer)
+        runs = [(sample_windows(docs_calib, tokenizer, args.nsamples, args.seqlen, seed, bos), seed) for seed in args.seeds]
+        score = scorer(model, tokenizer, texts, docs, seqlen, args.eval_batch_size, bos)
     except Exception as e:
         fail(f"cannot load data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plan = update_plan(examples, cfg.steps, cfg.batch_size, cfg.grad_accum, pad_id, cfg.seed)
+    runs = [(calib_ids, update_plan(examples, cfg.shares, cfg.batch_size, cfg.grad_accum, pad_id, seed), replace(cfg, seed=seed))
+            for calib_ids, seed in runs]  # per seed: calibration windows, fine-tuning updates, settings
     data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, window_bos=args.window_bos, train=args.train,
                 train_examples=len(examples), max_len=args.max_len)
-    report = lambda c, steps, seconds: run_report(model, path, c, data, steps, seconds)
+    env = machine(args.device, dtype)
+    report = lambda c, steps, seconds: run_report(model, path, c, data, env, steps, seconds)
     try:
         if not args.compare:
+            calib_ids, plan, _ = runs[0]
             save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
             print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
             return
-        scoring = dict(source="held-back pydoc text" if pydoc else args.data_dir or "the Hub", tasks=[] if pydoc else args.tasks,
-                       seqlen=seqlen, limit=args.limit, batch_size=args.eval_batch_size)
-        rows = run_comparison(model, tokenizer, calib_ids, plan, cfg, args, score, report, dict(model=path, data=data, scoring=scoring))
+        source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else args.data_dir or "the Hub"
+        scoring = dict(source=source, texts=list(texts), tasks=[] if pydoc else args.tasks, seqlen=seqlen, limit=args.limit,
+                       batch_size=args.eval_batch_size)
+        summary = run_comparison(model, tokenizer, runs, args, score, report, dict(model=path, data=data, scoring=scoring, machine=env))
     except NonFiniteLoss as e:
         fail(f"{e}; nothing written", code=1)
     except IllConditionedHessian as e:
         fail(f"{e}; nothing written")
-    print(f"\n{format_rows(rows)}\n\nscored on {scoring['source']}, perplexity windows of {seqlen} tokens; "
+    seeds = f"; mean ± sample sd over seeds {','.join(map(str, args.seeds))}" if len(args.seeds) > 1 else ""
+    print(f"\n{format_rows(summary)}\n\nscored on {scoring['source']}, perplexity windows of {seqlen} tokens{seeds}; "
           f"total {(time.time() - tic) / 60:.1f} min; LoSA model and compare.json saved to {args.out}")
 
 

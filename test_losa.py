@@ -12,7 +12,9 @@ import random
 import subprocess
 import sys
 from dataclasses import asdict
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -600,10 +602,12 @@ def test_cli_end_to_end_on_a_tiny_llama(tiny_run, extra):
         for key in ("target_sparsity", "delta", "layer_sparsity", "ranks", "reconstruction_error", "train_loss", "seconds"):
             assert key in step
         assert set(step["layer_sparsity"]) == {"assigned", "achieved"} and len(step["ranks"]) == 4
-        assert len(step["train_loss"]) == 2 and all(math.isfinite(v) for v in step["train_loss"])
+        assert all(math.isfinite(v) for v in step["train_loss"]) and len(step["train_loss"]) == step["updates"]
         if "sparsegpt" in extra:  # the relative damping of every block and projection
             assert step["damping"] == [{n: 0.01 for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                         "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}] * 4
+    # the released shares for T = 2: 40 % and 60 % of the 16 examples (6 and 10), in micro-batches of 4
+    assert [(s["examples"], s["updates"]) for s in report["steps"]] == [(6, 2), (10, 3)]
     ws = [lin.weight for block in models[0].model.layers for lin in losa.projections(block).values()]
     assert len(ws) == 7 * 4
     sparsity = sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
@@ -637,6 +641,14 @@ BAD = {
     "unknown task": (["--compare", "--tasks", "wikitext2,mmlu"], "unknown task"),
     "missing data folder": (["--compare", "--data-dir", "/nonexistent/data"], "--data-dir"),
     "missing data file": (["--compare", "--data-dir", "/"], "cannot load data"),
+    "shares of the wrong count": (["--shares", "0.2,0.2,0.6"], "--shares needs 2 fractions"),
+    "shares not summing to 1": (["--shares", "0.3,0.3"], "--shares needs 2 fractions"),
+    "negative share": (["--shares=-0.5,1.5"], "--shares needs 2 fractions"),
+    "malformed shares": (["--shares", "half,half"], "--shares must be"),
+    "seeds without --compare": (["--seeds", "0,1"], "--seeds needs --compare"),
+    "malformed seeds": (["--compare", "--seeds", "0,x"], "--seeds must be"),
+    "a seed twice": (["--compare", "--seeds", "1,1"], "given twice"),
+    "missing perplexity text": (["--compare", "--ppl-text", "/nonexistent/text.txt"], "--ppl-text"),
 }
 
 
@@ -714,7 +726,7 @@ def test_cli_in_bfloat16_keeps_exact_sparsity_through_merges(tiny_run):
     assert sum(s > 0 for s in report["steps"][-1]["layer_sparsity"]["achieved"]) == 4
 
 
-def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, tokenizer_dir, monkeypatch):
+def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, tokenizer_dir, monkeypatch, capsys):
     """--compare --ablation with both pruners: every row starts from the dense weights bit for bit, sees
     the same calibration windows; w. LoRA trains on LoSA's examples, in LoSA's order, with as many updates
     and LoSA's mean number of LoRA parameters; compare.json holds the settings each row ran with."""
@@ -724,11 +736,11 @@ def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, toke
     reference = {k: v.clone() for k, v in fresh.state_dict().items()}
     runs, real_losa, real_finetune = [], losa.losa, losa.finetune
 
-    def spy_losa(model, calib_ids, plan, cfg):
+    def spy_losa(model, calib_ids, plan, cfg, dense=None):
         state = model.state_dict()
         assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
         runs.append(dict(settings=json.loads(json.dumps(asdict(cfg))), calib=calib_ids.clone(), fed=[], params=[]))
-        return real_losa(model, calib_ids, plan, cfg)
+        return real_losa(model, calib_ids, plan, cfg, dense)
 
     def spy_finetune(model, mods, updates, cfg, t):
         runs[-1]["fed"].append([[(b["input_ids"].clone(), b["attention_mask"].clone()) for b in group] for group in updates])
@@ -738,54 +750,190 @@ def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, toke
     monkeypatch.setattr(losa, "losa", spy_losa)
     monkeypatch.setattr(losa, "finetune", spy_finetune)
     out = tmp / "cmp"
+    (tmp / "extra.txt").write_text(topics["if"][:3000])
     args = base + ["--steps", "3", "--sparsity", "0.5", "--compare", "--ablation", "--pruner", "wanda,sparsegpt",
-                   "--data-dir", str(tmp / "data"), "--eval-seqlen", "128", "--out", str(out)]
+                   "--data-dir", str(tmp / "data"), "--eval-seqlen", "128", "--ppl-text", str(tmp / "extra.txt"), "--out", str(out)]
     assert run_cli(args) == 0
+    table = capsys.readouterr().out.split("| Method")[1].splitlines()
+    assert table[0].split(" | ")[:4] == ["", "Sparsity", "PPL", "PPL extra.txt"]
+    assert [l.split(" | ")[:2] for l in table if "unmerged" in l] == [["| Wanda w. LoRA, unmerged (dense delta)", "50% + dense delta"],
+                                                                     ["| SparseGPT w. LoRA, unmerged (dense delta)", "50% + dense delta"]]
     result = json.loads((out / "compare.json").read_text())
     rows = result["rows"]
-    assert result["scoring"] == dict(source=str(tmp / "data"), tasks=["wikitext2", *ev.TASKS], seqlen=128, limit=None, batch_size=8)
-    names = ["oneshot", "lora", "losa", "losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]
+    assert result["scoring"] == dict(source=str(tmp / "data"), texts=["wikitext2", "extra.txt"], tasks=["wikitext2", *ev.TASKS], seqlen=128, limit=None,
+                                     batch_size=8)
+    names = ["oneshot", "lora", "lora_dense", "losa", "losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]
     assert [(r["name"], r["pruner"]) for r in rows] == [("dense", None)] + [(n, p) for p in ("wanda", "sparsegpt") for n in names]
-    assert len(runs) == 12 and all(torch.equal(r["calib"], runs[0]["calib"]) for r in runs)
+    assert len(runs) == 14 and all(torch.equal(r["calib"], runs[0]["calib"]) for r in runs)
     assert sorted(json.dumps(r["settings"], sort_keys=True) for r in rows[1:]) == sorted(json.dumps(r["settings"], sort_keys=True) for r in runs)
     by = {(r["name"], r["pruner"]): r for r in rows}
     run_of = {(n, p): next(r for r in runs if r["settings"] == by[(n, p)]["settings"]) for n, p in by if p}
     text = ev.load_wikitext(str(tmp / "data"))
     ids = AutoTokenizer.from_pretrained(tokenizer_dir)(text, return_tensors="pt").input_ids
-    assert by[("dense", None)]["ppl"] == pytest.approx(ev.perplexity(fresh, ids, 128), rel=1e-5)
+    extra = AutoTokenizer.from_pretrained(tokenizer_dir)(topics["if"][:3000], return_tensors="pt").input_ids
+    assert by[("dense", None)]["ppl"] == {"wikitext2": pytest.approx(ev.perplexity(fresh, ids, 128), rel=1e-5),
+                                          "extra.txt": pytest.approx(ev.perplexity(fresh, extra, 128), rel=1e-5)}
     tok = AutoTokenizer.from_pretrained(tmp / "model")
     examples = losa.tokenize_examples(losa.read_texts(str(tmp / "train.jsonl"))[:16], tok, 48)
     unpad = lambda step: [tuple(row[m == 1].tolist()) for group in step for rows_, masks in group for row, m in zip(rows_, masks)]
     for p in ("wanda", "sparsegpt"):
         losa_row, lora_row = by[("losa", p)], by[("lora", p)]
         assert losa_row["settings"] == {**asdict(losa.Settings(sparsity=0.5, steps=3, pruner=p, batch_size=4, grad_accum=1, rmi_samples=4,
-                                                                lr=2e-4)), "nm": None}
+                                                                lr=2e-4)), "nm": None, "shares": [0.2, 0.2, 0.6]}
         assert lora_row["settings"] == {**losa_row["settings"], "steps": 1, "rmi": False, "rank_alloc": False, "mean_rank": 7}
+        assert by[("lora_dense", p)]["settings"] == {**lora_row["settings"], "masked": False}
         assert by[("oneshot", p)]["settings"] == {**losa_row["settings"], "steps": 1, "rmi": False, "finetune": False}
         assert by[("losa_uniform", p)]["settings"] == {**losa_row["settings"], "rmi": False, "rank_alloc": False}
-        fed_losa, fed_lora = run_of[("losa", p)]["fed"], run_of[("lora", p)]["fed"]
-        assert len(fed_losa) == 3 and len(fed_lora) == 1
+        fed_losa, fed_lora, fed_dense = (run_of[(n, p)]["fed"] for n in ("losa", "lora", "lora_dense"))
+        assert len(fed_losa) == 3 and len(fed_lora) == len(fed_dense) == 1
         flat = [u for step in fed_losa for u in step]
-        assert len(flat) == len(fed_lora[0]) == losa_row["updates"] == lora_row["updates"] == 6
-        assert all(len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b)) for a, b in zip(flat, fed_lora[0]))
-        for t, step in enumerate(fed_losa):  # step t fine-tunes on its even share of the examples, each once
-            assert sorted(unpad(step)) == sorted(map(tuple, examples[t * 16 // 3 : (t + 1) * 16 // 3]))
+        assert len(flat) == len(fed_lora[0]) == losa_row["updates"] == lora_row["updates"] == by[("lora_dense", p)]["updates"] == 5
+        for fed in (fed_lora, fed_dense):
+            assert all(len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b)) for a, b in zip(flat, fed[0]))
+        bounds = [0, 3, 6, 16]  # the released shares for T = 3: 20 %, 20 %, 60 % of the 16 examples, floored
+        for t, step in enumerate(fed_losa):  # step t fine-tunes on its share of the examples, each once
+            assert sorted(unpad(step)) == sorted(map(tuple, examples[bounds[t] : bounds[t + 1]]))
+        assert [(s["examples"], s["updates"]) for s in losa_row["steps"]] == [(3, 1), (3, 1), (10, 3)]
         per_rank = sum(lin.in_features + lin.out_features for lin in losa.projections(fresh.model.layers[0]).values())
         assert run_of[("losa", p)]["params"] == [omega * 4 * per_rank for omega in (6, 7, 8)]  # Omega_t L ranks per step
-        assert run_of[("lora", p)]["params"] == [7 * 4 * per_rank]  # their mean: the same parameter budget
+        assert run_of[("lora", p)]["params"] == run_of[("lora_dense", p)]["params"] == [7 * 4 * per_rank]  # their mean: the same budget
         assert by[("oneshot", p)]["updates"] == 0 and len(by[("lora", p)]["steps"][0]["ranks"]) == 4
         for r in (by[(n, p)] for n in names):
-            assert set(r) >= {"name", "ppl", "acc", "mean_acc", "settings", "updates", "seconds"} and math.isfinite(r["ppl"])
+            assert set(r) >= {"name", "ppl", "acc", "mean_acc", "settings", "updates", "seconds"} and math.isfinite(r["ppl"]["wikitext2"])
             assert set(r["acc"]) == set(ev.TASKS) and r["mean_acc"] == pytest.approx(sum(r["acc"].values()) / 7)
-            assert abs(r["sparsity"] - 0.5) <= 0.02
+            assert abs(r.get("base_sparsity", r["sparsity"]) - 0.5) <= 0.02
+        assert by[("lora_dense", p)]["sparsity"] < 0.01  # what it scored: W + s B A, dense
     for p in ("wanda", "sparsegpt"):  # the LoSA models, one folder per pruner
         report = json.loads((out / p / "losa_report.json").read_text())
         assert report["settings"] == by[("losa", p)]["settings"] and report["steps"] == by[("losa", p)]["steps"]
         assert report["sparsity"] == pytest.approx(by[("losa", p)]["sparsity"])
 
 
-def test_demo_shortened_on_smollm2(tmp_path, capsys):
-    """`python losa.py` with tiny budgets: exactly as sparse as asked, LoSA below one-shot pruning."""
+def strip_seconds(value):
+    """A report or row without its wall times (the one thing two identical runs do not share)."""
+    if isinstance(value, dict):
+        return {k: strip_seconds(v) for k, v in value.items() if k != "seconds"}
+    return [strip_seconds(v) for v in value] if isinstance(value, list) else value
+
+
+def test_seeds_give_the_single_seed_rows_and_their_mean_and_sd(tiny_run, capsys):
+    """--seeds 0,1: seed 1's rows equal a --seed 1 run's bit for bit; the summary's mean and sd are those of
+    the per-seed rows (numpy, ddof 1); the table prints mean ± sd; the saved LoSA model is seed 0's;
+    every report says which versions and machine made it."""
+    tmp, base = tiny_run
+    write_data(tmp / "data")
+    common = base + ["--sparsity", "0.5", "--compare", "--data-dir", str(tmp / "data"), "--tasks", "wikitext2,piqa", "--eval-seqlen", "128"]
+    assert run_cli(common + ["--seeds", "0,1", "--out", str(tmp / "both")]) == 0
+    table = capsys.readouterr().out
+    assert run_cli(common + ["--seed", "1", "--out", str(tmp / "one")]) == 0
+    both, one = (json.loads((tmp / d / "compare.json").read_text()) for d in ("both", "one"))
+    assert both["seeds"] == [0, 1] and one["seeds"] == [1] and [r["seed"] for r in both["rows"]] == [0] * 4 + [1] * 4
+    assert strip_seconds([r for r in both["rows"] if r["seed"] == 1]) == strip_seconds(one["rows"])
+    seed0 = {r["name"]: r for r in both["rows"] if r["seed"] == 0}
+    assert seed0["oneshot"]["ppl"] != one["rows"][1]["ppl"]  # the seed reaches the calibration windows
+    for st in both["summary"]:
+        rs = [r for r in both["rows"] if (r["name"], r["pruner"]) == (st["name"], st["pruner"])]
+        for key, sub_ in (("ppl", "wikitext2"), ("acc", "piqa")):
+            v = np.array([r[key][sub_] for r in rs])
+            assert st[key][sub_]["mean"] == pytest.approx(v.mean(), rel=1e-12) and st[key][sub_]["sd"] == pytest.approx(v.std(ddof=1), abs=1e-12)
+        assert st["seeds"] == [0, 1]
+    dense = next(st for st in both["summary"] if st["name"] == "dense")
+    lines = [l for l in table.splitlines() if l.startswith("| Wanda w. LoSA |")]
+    losa_st = next(st for st in both["summary"] if st["name"] == "losa")
+    assert lines == [f"| Wanda w. LoSA | 50% | {losa_st['ppl']['wikitext2']['mean']:.2f} ± {losa_st['ppl']['wikitext2']['sd']:.2f} | "
+                     f"{100 * losa_st['acc']['piqa']['mean']:.2f} ± {100 * losa_st['acc']['piqa']['sd']:.2f} | "
+                     f"{100 * losa_st['mean_acc']['mean']:.2f} ± {100 * losa_st['mean_acc']['sd']:.2f} |"]
+    assert dense["ppl"]["wikitext2"]["sd"] == 0 and "mean ± sample sd over seeds 0,1" in table
+    report = json.loads((tmp / "both" / "losa_report.json").read_text())
+    assert report["steps"] == seed0["losa"]["steps"] and report["settings"]["seed"] == 0
+    import datasets, transformers
+    for r in (report, both):
+        env = r["machine"]
+        assert (env["torch"], env["transformers"], env["datasets"]) == (torch.__version__, transformers.__version__, datasets.__version__)
+        assert env["dtype"] == "float32" and env["threads"] == torch.get_num_threads() and env["device"]
+
+
+def test_the_demo_flags_of_a_single_row_run_one_row():
+    """`python losa.py --no-finetune` (no --model): the one row asked for on the demo model, not --compare."""
+    for flags in (["--no-finetune"], ["--no-rmi"], ["--no-rank-alloc", "--steps", "1"]):
+        args = losa.validate(losa.build_parser().parse_args(flags + ["--out", "/nonexistent/x"]))
+        assert args.model is None and not args.compare and args.sparsity == 0.7 and args.calib == "pydoc"
+    assert losa.validate(losa.build_parser().parse_args(["--out", "/nonexistent/x"])).compare  # the demo itself compares
+    with pytest.raises(ValueError, match="--compare sets"):
+        losa.validate(losa.build_parser().parse_args(["--compare", "--no-rmi", "--out", "/nonexistent/x"]))
+
+
+def even_plan_before_shares(examples, T, batch_size, grad_accum, pad_id, seed):
+    """update_plan as it was before per-step shares: examples [t N // T, (t + 1) N // T) at step t."""
+    generator = torch.Generator().manual_seed(seed)
+    plan = []
+    for t in range(T):
+        micro = list(losa.batches(examples[t * len(examples) // T : (t + 1) * len(examples) // T], batch_size, pad_id, generator))
+        plan.append([micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)])
+    return plan
+
+
+def plan_examples(plan):
+    """Per step, the (one-token) examples it trains on, in order."""
+    return [[tok for u in step for b in u for tok in b["input_ids"][:, 0].tolist()] for step in plan]
+
+
+@pytest.mark.parametrize("N", [10_000, 160, 161, 17, 3])
+@pytest.mark.parametrize("T", [5, 3, 2, 1])
+def test_update_plan_gives_the_released_shares_each_example_once(N, T):
+    examples = [[i + 1] for i in range(N)]  # distinct one-token examples
+    steps = plan_examples(losa.update_plan(examples, losa.released_shares(T), 64, 2, 0, seed=0))
+    shares = [Fraction(1)] if T == 1 else [Fraction(2, 5 * (T - 1))] * (T - 1) + [Fraction(3, 5)]  # 40 % evenly, then 60 %
+    sizes = [len(s) for s in steps]
+    assert sum(sizes) == N and sorted(t for s in steps for t in s) == list(range(1, N + 1))  # each example in one step
+    assert all(math.floor(f * N) <= n <= math.floor(f * N) + 1 for f, n in zip(shares, sizes))
+    assert sizes[:-1] == [math.floor(sum(shares[: t + 1]) * N) - math.floor(sum(shares[:t]) * N) for t in range(T - 1)]
+    if (N, T) == (10_000, 5):
+        assert sizes == [1000, 1000, 1000, 1000, 6000]  # the released code's rows 1000-1999, ..., 3000-3999 and 4000-9999
+    assert [sorted(s) for s in steps] == [list(range(a + 1, a + n + 1)) for a, n in zip(np.cumsum([0] + sizes), sizes)]
+
+
+def test_even_shares_give_the_plan_and_weights_of_before(tiny_run, tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    examples = losa.tokenize_examples([losa.pydoc_slices()[1][i * 200 : i * 200 + 150] for i in range(17)], tok, 40)
+    new, old = losa.update_plan(examples, losa.parse_shares("even", 3), 2, 2, 0, 3), even_plan_before_shares(examples, 3, 2, 2, 0, 3)
+    flat = lambda plan: [t for step in plan for u in step for b in u for t in b.values()]
+    assert [len(s) for s in new] == [len(s) for s in old] and all(torch.equal(a, b) for a, b in zip(flat(new), flat(old), strict=True))
+    cfg = losa.Settings(sparsity=0.5, steps=3, rmi_samples=4, batch_size=2, grad_accum=2, lr=1e-3)
+    calib = losa.sample_windows([losa.pydoc_slices()[0]], tok, 4, 32, 0)
+    weights = []
+    for plan in (new, old):
+        model = tiny_llama()
+        losa.losa(model, calib, plan, cfg)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+
+
+def test_unmasked_lora_is_plain_lora_and_its_delta_is_dense():
+    """The paper's w. LoRA: y = x W^T + b + s dropout(x) (B A)^T as peft computes it, against float64 with the
+    same A, B and dropout mask; the weight it computes with, W + s B A, has no zeros where W has half."""
+    lin = sparse_linear()
+    m = losa.MaskedLoRALinear(lin, r_max=8, alpha=16, dropout=0.3)
+    m.masked, m.rank = False, 5
+    torch.nn.init.normal_(m.lora_B)
+    x = torch.randn(3, 7, lin.in_features, requires_grad=True)
+    W, b, A, B = lin.weight.double(), lin.bias.double(), m.lora_A[:5].double(), m.lora_B[:, :5].double()
+    for training in (False, True):
+        m.train(training)
+        torch.manual_seed(1)
+        y = m(x)
+        torch.manual_seed(1)
+        xa = F.dropout(x.double(), 0.3, training=training)
+        assert torch.allclose(y.double(), x.double() @ W.T + b + m.scaling * (xa @ (B @ A).T), rtol=1e-5, atol=1e-6)
+    (y.square().sum()).backward()
+    assert m.lora_A.grad[:5].abs().sum() > 0 and m.lora_A.grad[5:].abs().sum() == 0  # only the active rank trains
+    assert (lin.weight == 0).float().mean() == 0.5 and ((lin.weight + m.delta()) == 0).sum() == 0
+
+
+def test_demo_shortened_on_smollm2(smollm2, tmp_path, capsys):
+    """`python losa.py` with tiny budgets: exactly as sparse as asked, LoSA below one-shot pruning; every row
+    scored in domain (held-back pydoc) and out of domain (data/wikipedia.txt), the dense row as a direct
+    perplexity loop scores them."""
     out = tmp_path / "demo"
     args = ["--steps", "2", "--nsamples", "8", "--seqlen", "128", "--train-samples", "32", "--max-len", "128", "--out", str(out)]
     assert run_cli(args) == 0
@@ -800,12 +948,19 @@ def test_demo_shortened_on_smollm2(tmp_path, capsys):
         assert all(((lin.weight == 0).sum(1) >= int(s * lin.in_features)).all() for lin in losa.projections(b).values())
     assert zeros / total == pytest.approx(report["sparsity"]) and abs(zeros / total - 0.7) < 2e-3
     rows = {r["name"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
-    ppl = {name: r["ppl"] for name, r in rows.items()}
+    dense, tok = smollm2
+    direct = {name: ev.perplexity(dense, tok(text, return_tensors="pt").input_ids, 512)
+              for name, text in (("pydoc", losa.pydoc_slices()[2]), ("wikipedia", open(losa.WIKIPEDIA, encoding="utf-8").read()))}
+    assert rows["dense"]["ppl"] == {k: pytest.approx(v, rel=1e-5) for k, v in direct.items()}
+    assert all(set(r["ppl"]) == {"pydoc", "wikipedia"} and all(map(math.isfinite, r["ppl"].values())) for r in rows.values())
+    ppl = {name: r["ppl"]["pydoc"] for name, r in rows.items()}
     print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, w. LoRA {ppl['lora']:.2f}, LoSA {ppl['losa']:.2f}")
     assert list(rows) == ["dense", "oneshot", "lora", "losa"] and all(r["acc"] == {} and r["mean_acc"] is None for r in rows.values())
     assert ppl["dense"] < ppl["losa"] < ppl["oneshot"] and ppl["lora"] < ppl["oneshot"]
     assert rows["lora"]["updates"] == rows["losa"]["updates"] == 8 and abs(rows["lora"]["sparsity"] - 0.7) < 2e-3
-    assert "scored on held-back pydoc text" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| Method | Sparsity | PPL pydoc (in domain) | PPL Wikipedia (out of domain) |" in printed
+    assert "scored on held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" in printed
 
 
 def test_losa_shortened_on_gemma3(gemma3, tmp_path):
@@ -827,9 +982,9 @@ def test_losa_shortened_on_gemma3(gemma3, tmp_path):
         oneshot = ppl()
         model.load_state_dict(original, strict=False)
         cfg = losa.Settings(sparsity=0.7, steps=2, batch_size=4, grad_accum=1, lr=1e-3, rmi_samples=8)
-        report = losa.losa(model, calib, losa.update_plan(examples, cfg.steps, cfg.batch_size, cfg.grad_accum, pad, cfg.seed), cfg)
+        report = losa.losa(model, calib, losa.update_plan(examples, losa.released_shares(cfg.steps), cfg.batch_size, cfg.grad_accum, pad, cfg.seed), cfg)
         pruned = ppl()
-        losa.save(model, tok, losa.run_report(model, "gemma-3-270m", cfg, {}, report, 0.0), str(tmp_path / "gemma"))
+        losa.save(model, tok, losa.run_report(model, "gemma-3-270m", cfg, {}, {}, report, 0.0), str(tmp_path / "gemma"))
         with torch.no_grad():
             want = model(eval_ids[:, :64]).logits
             got = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma")(eval_ids[:, :64]).logits
