@@ -682,7 +682,7 @@ def update_plan(examples, shares, batch_size, grad_accum, pad_id, seed):
     micro-batches. Built once, so that every row of a comparison sees the same updates."""
     generator = torch.Generator().manual_seed(seed)
     cum = itertools.accumulate(Fraction(f).limit_denominator(10**6) for f in shares)  # exact 1/10, 1/3, ...
-    bounds = [0] + [math.floor(len(examples) * c) for c in cum]
+    bounds = [0] + [math.floor(len(examples) * c) for c in cum]  # step t: examples [floor(N c_{t-1}), floor(N c_t))
     plan = []
     for lo, hi in zip(bounds, bounds[1:]):
         micro = list(batches(examples[lo:hi], batch_size, pad_id, generator))
@@ -911,7 +911,8 @@ def compare(model, calib_ids, plan, cfg, pruners, names, score, dense, keep=None
         seconds = time.time() - tic
         rows.append(dict(name=name, pruner=pruner, seed=cfg.seed, settings=asdict(c) if pruner else {},
                          updates=sum(len(s["train_loss"]) for s in steps), seconds=seconds, steps=steps, **row_sparsity(model), **score()))
-        print(f"  {name}: perplexity {rows[-1]['ppl']}, mean accuracy {rows[-1]['mean_acc']}, {seconds:.0f} s", flush=True)
+        ppl = ", ".join(f"{t} {v:.2f}" for t, v in rows[-1]["ppl"].items())
+        print(f"  {name}: perplexity {ppl or '—'}, mean accuracy {rows[-1]['mean_acc']}, {seconds:.0f} s", flush=True)
         if name == "losa" and keep is not None:
             keep(rows[-1])
         restore_(model, dense)

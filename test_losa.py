@@ -927,7 +927,7 @@ def test_unmasked_lora_is_plain_lora_and_its_delta_is_dense():
         assert torch.allclose(y.double(), x.double() @ W.T + b + m.scaling * (xa @ (B @ A).T), rtol=1e-5, atol=1e-6)
     (y.square().sum()).backward()
     assert m.lora_A.grad[:5].abs().sum() > 0 and m.lora_A.grad[5:].abs().sum() == 0  # only the active rank trains
-    assert (lin.weight == 0).float().mean() == 0.5 and ((lin.weight + m.delta()) == 0).sum() == 0
+    assert (lin.weight == 0).float().mean() > 0.4 and ((lin.weight + m.delta()) == 0).sum() == 0
 
 
 def test_demo_shortened_on_smollm2(smollm2, tmp_path, capsys):
