@@ -428,7 +428,7 @@ def tiny_family(family, folder, tokenizer_dir):
     config = transformers.AutoConfig.for_model(family, **TINY, **FAMILIES[family][0])
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)  # Qwen2's tokenizes otherwise
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)  # the config picks the class: Qwen2's splits text otherwise
 
 
 def pydoc_ids(tok, n, seqlen):
@@ -461,6 +461,7 @@ def test_cli_prunes_every_projection_of_each_family(family, tiny_run, tokenizer_
     original, tok = tiny_family(family, tmp / family, tokenizer_dir)
     kept, save = {}, losa.save
     monkeypatch.setattr(losa, "save", lambda model, *rest: (kept.setdefault("model", model), save(model, *rest)))
+    monkeypatch.setattr(losa, "plot_report", lambda report, path: None)  # the figure is tested elsewhere; matplotlib costs seconds
     assert run_cli(base + ["--model", str(tmp / family), "--train-samples", "8", "--out", str(tmp / "out")]) == 0  # 1 update per step
     steps = json.loads((tmp / "out" / "losa_report.json").read_text())["steps"]
     got = AutoModelForCausalLM.from_pretrained(tmp / "out").eval()
@@ -509,6 +510,7 @@ def test_a_block_with_matrices_outside_nn_linear_or_without_projections_is_refus
 @pytest.mark.parametrize("path", ["/no/such/folder", "../no/such/folder", "~/no/such/folder", "no/such/folder"])
 def test_cli_says_a_missing_model_folder_does_not_exist(tiny_run, capsys, path):
     tmp, base = tiny_run
+    capsys.readouterr()
     assert run_cli(base + ["--model", path, "--out", str(tmp / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith(f"cannot load model {path}: no such file or folder")
