@@ -48,13 +48,20 @@ COLUMNS = {"boolq": "BoolQ", "piqa": "PIQA", "hellaswag": "HellaSwag", "winogran
 # -----------------------------------------------------------------------------
 # model
 
+def looks_local(name):
+    """A path, not a Hub id (name or owner/name): it starts with /, . or ~, or has more than one /."""
+    return name.startswith(("/", ".", "~", os.sep)) or name.count("/") > 1
+
+
 def load_model(name, device="cpu", dtype="float32"):
     """Hub id, local folder or .gguf file -> (model in eval mode, tokenizer). Raises OSError."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    kwargs, given = {}, name
+    kwargs, given, name = {}, name, os.path.expanduser(name)
+    if looks_local(given) and not os.path.exists(name):
+        raise OSError(f"cannot load model {given}: no such file or folder")
     if name.endswith(".gguf"):
         if not os.path.isfile(name):
-            raise OSError(f"cannot load model {name}: no such file")
+            raise OSError(f"cannot load model {given}: no such file")
         name, kwargs["gguf_file"] = os.path.split(os.path.abspath(name))
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype), **kwargs)

@@ -198,10 +198,12 @@ class _Captured(Exception):
 
 
 def decoder_layers(model):
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"{type(model).__name__} has no decoder blocks at model.model.layers")
-    return layers
+    """The decoder blocks: the first nn.ModuleList in the model that holds config.num_hidden_layers modules."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and n and len(m) == n:
+            return m
+    raise ValueError(f"{type(model).__name__} has no decoder blocks (an nn.ModuleList of config.num_hidden_layers modules)")
 
 
 @torch.no_grad()
@@ -246,7 +248,7 @@ def run_block(block, x, kwargs, params=None):
 
 
 def projections(block):
-    """name -> nn.Linear for the projections of a decoder block (q, k, v, o, gate, up, down)."""
+    """name -> nn.Linear for the projections of a decoder block: every nn.Linear in it (q, k, v, o, gate, up, down; fused ones too)."""
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
@@ -1176,7 +1178,15 @@ def machine(device, dtype):
 
 
 def check_model(model, nm):
+    """ValueError for a model LoSA cannot prune: no decoder blocks, a block's matrix outside nn.Linear, N:M not dividing."""
     layers = decoder_layers(model)
+    for l, block in enumerate(layers):
+        other = sorted({type(m).__name__ for m in block.modules()
+                        if not isinstance(m, nn.Linear) and any(p.dim() > 1 for p in m.parameters(recurse=False))})
+        if other:
+            raise ValueError(f"block {l} holds {', '.join(other)} layers, not nn.Linear: LoSA prunes nn.Linear projections only")
+        if not projections(block):
+            raise ValueError(f"block {l} has no nn.Linear projections to prune")
     if nm is not None:
         for name, lin in projections(layers[0]).items():
             if lin.in_features % nm[1]:

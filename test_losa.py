@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from pydoc_data.topics import topics
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -402,6 +403,121 @@ def test_pruning_pass_reports_the_damping_each_projection_needed(monkeypatch):
 def test_a_model_without_decoder_blocks_is_refused():
     with pytest.raises(ValueError, match="no decoder blocks"):
         losa.decoder_layers(nn.Sequential(nn.Linear(2, 2)))
+
+
+# other decoder families: tiny random models (3 blocks of width 64, SmolLM2's vocabulary), blocks found without names
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=49152, max_position_embeddings=256)
+FAMILIES = {  # model type -> (its config beyond TINY, where it keeps its blocks, projections per block)
+    "llama": ({}, "model.layers", 7),
+    "mistral": (dict(sliding_window=16), "model.layers", 7),
+    "qwen2": ({}, "model.layers", 7),  # q, k, v with biases
+    "qwen3": (dict(head_dim=16), "model.layers", 7),
+    "phi3": (dict(pad_token_id=0), "model.layers", 4),  # qkv_proj and gate_up_proj fused
+    "opt": (dict(ffn_dim=128, word_embed_proj_dim=64), "model.decoder.layers", 6),
+    "gpt_neox": ({}, "gpt_neox.layers", 4),
+    "falcon": (dict(num_kv_heads=2, new_decoder_architecture=True), "transformer.h", 4),  # query_key_value fused
+    "gemma2": (dict(head_dim=16, sliding_window=16), "model.layers", 7),  # sliding, full, sliding
+    "gemma3_text": (dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+                    "model.layers", 7),
+}
+
+
+def tiny_family(family, folder, tokenizer_dir):
+    """A tiny random model of `family` saved with SmolLM2's tokenizer -> (model, the tokenizer the folder loads)."""
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(family, **TINY, **FAMILIES[family][0])
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)  # the config picks the class: Qwen2's splits text otherwise
+
+
+def pydoc_ids(tok, n, seqlen):
+    return tok(losa.pydoc_slices()[0][:20000], return_tensors="pt").input_ids[0, : n * seqlen].view(n, seqlen)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chained_block_inputs_reproduce_each_familys_hidden_states(family, tmp_path, tokenizer_dir):
+    """48 tokens, beyond the 16-token sliding windows: the captured input of block 0, chained through the
+    blocks with their captured keyword arguments, gives the model's own input of every block."""
+    model, tok = tiny_family(family, tmp_path / family, tokenizer_dir)
+    layers = losa.decoder_layers(model)
+    assert layers is model.get_submodule(FAMILIES[family][1])
+    ids = pydoc_ids(tok, 2, 48)
+    x, kw = losa.capture_block_inputs(model, ids)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # the input of every block, then the final norm's output
+    errors = []
+    for l, block in enumerate(layers):
+        errors.append(((x - hidden[l]).norm() / hidden[l].norm()).item())
+        losa.run_block(block, x, kw[l])
+    assert len(hidden) == len(layers) + 1 == len(kw) + 1 and max(errors) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_prunes_every_projection_of_each_family(family, tiny_run, tokenizer_dir, monkeypatch):
+    """floor(s_l d_in) zeros in every row of every matrix of every block, every other parameter (biases,
+    norms, embeddings) bit for bit the original, and the saved folder reloads to the logits of the model in memory."""
+    tmp, base = tiny_run
+    original, tok = tiny_family(family, tmp / family, tokenizer_dir)
+    kept, save = {}, losa.save
+    monkeypatch.setattr(losa, "save", lambda model, *rest: (kept.setdefault("model", model), save(model, *rest)))
+    monkeypatch.setattr(losa, "plot_report", lambda report, path: None)  # the figure is tested elsewhere; matplotlib costs seconds
+    assert run_cli(base + ["--model", str(tmp / family), "--train-samples", "8", "--out", str(tmp / "out")]) == 0  # 1 update per step
+    steps = json.loads((tmp / "out" / "losa_report.json").read_text())["steps"]
+    got = AutoModelForCausalLM.from_pretrained(tmp / "out").eval()
+    before, after, prefix = original.state_dict(), got.state_dict(), FAMILIES[family][1] + "."
+    assert before.keys() == after.keys()
+    matrices = 0
+    for k, w in after.items():
+        if k.startswith(prefix) and w.dim() == 2:  # a projection of block l
+            l = int(k.removeprefix(prefix).split(".")[0])
+            zeros = max(int(step["layer_sparsity"]["assigned"][l] * w.shape[1]) for step in steps)  # a row keeps its zeros
+            assert zeros > 0 and ((w == 0).sum(1) == zeros).all(), k
+            matrices += 1
+        else:
+            assert torch.equal(w, before[k]), k
+    assert matrices == FAMILIES[family][2] * TINY["num_hidden_layers"]
+    ids = pydoc_ids(tok, 2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, kept["model"](ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_refuses_a_model_whose_blocks_are_not_nn_linear(tiny_run, capsys):
+    """GPT-2's blocks compute with transformers' Conv1D (weight stored in x out): one line naming it, exit 2, nothing written."""
+    tmp, base = tiny_run
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=49152, n_positions=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "gpt2")
+    AutoTokenizer.from_pretrained(tmp / "model").save_pretrained(tmp / "gpt2")
+    capsys.readouterr()
+    assert run_cli(base + ["--model", str(tmp / "gpt2"), "--out", str(tmp / "out")]) == 2
+    err = [l for l in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in l]
+    assert len(err) == 1 and err[0].startswith("losa.py: error: cannot use model")
+    assert err[0].endswith("block 0 holds Conv1D layers, not nn.Linear: LoSA prunes nn.Linear projections only")
+    assert not list(tmp.glob("out*"))
+
+
+def test_a_block_with_matrices_outside_nn_linear_or_without_projections_is_refused():
+    """Mixtral's experts (3-D parameters) and router (a bare 2-D weight) would go unpruned: refused, named."""
+    model = AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("mixtral", **TINY, num_local_experts=2))
+    with pytest.raises(ValueError, match=r"^block 0 holds MixtralExperts, MixtralTopKRouter layers, not nn.Linear"):
+        losa.check_model(model, None)
+    model = tiny_llama(layers=2)
+    model.model.layers[1].self_attn, model.model.layers[1].mlp = nn.Identity(), nn.Identity()
+    with pytest.raises(ValueError, match="^block 1 has no nn.Linear projections to prune$"):
+        losa.check_model(model, None)
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "../no/such/folder", "~/no/such/folder", "no/such/folder"])
+def test_cli_says_a_missing_model_folder_does_not_exist(tiny_run, capsys, path):
+    tmp, base = tiny_run
+    capsys.readouterr()
+    assert run_cli(base + ["--model", path, "--out", str(tmp / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"cannot load model {path}: no such file or folder")
+    assert not list(tmp.glob("out*"))
+    assert not ev.looks_local("HuggingFaceTB/SmolLM2-135M") and not ev.looks_local("gpt2")  # Hub ids go to the Hub
 
 
 def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
