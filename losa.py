@@ -1013,6 +1013,7 @@ def build_parser():
     a("--compare", action="store_true", help="score dense, one-shot, w. LoRA and w. LoSA rows on the same data into OUT/compare.json (the demo does)")
     a("--ablation", action="store_true", help="with --compare: also the paper's w. LoRA (unmasked LoRA, scored unmerged: "
       "a dense delta on the sparse model) and LoSA without RMI, without rank allocation, and without both")
+    a("--lora-dense", action="store_true", help="with --compare: the paper's w. LoRA row alone (--ablation includes it)")
     a("--seeds", help="with --compare: every row for each of these seeds, comma-separated (e.g. 0,1,2); the table shows mean ± sd")
     a("--ppl-text", action="append", default=[], metavar="TXT", help="with --compare: also score the perplexity of this "
       "text file (one token stream, as WikiText-2); repeatable")
@@ -1077,7 +1078,7 @@ def validate_compare(args):
     from eval import TASKS
 
     alone = [f for f, v in (("--ablation", args.ablation), ("--data-dir", args.data_dir), ("--tasks", args.tasks), ("--limit", args.limit),
-                            ("--eval-seqlen", args.eval_seqlen), ("--seeds", args.seeds), ("--ppl-text", args.ppl_text),
+                            ("--eval-seqlen", args.eval_seqlen), ("--seeds", args.seeds), ("--lora-dense", args.lora_dense), ("--ppl-text", args.ppl_text),
                             ("several pruners", len(args.pruners) > 1)) if v]
     if alone and not args.compare:
         raise ValueError(f"{alone[0]} needs --compare")
@@ -1227,7 +1228,7 @@ def run_comparison(model, tokenizer, runs, args, score, report, meta):
     stage = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
     where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
     keep = lambda row: save(model, tokenizer, report(replace(runs[0][2], pruner=row["pruner"]), row["steps"], row["seconds"]), where(row["pruner"]))
-    names = ["oneshot", "lora", "losa", *(ABLATION if args.ablation else [])]
+    names = ["oneshot", "lora", "losa", *(ABLATION if args.ablation else ["lora_dense"] if args.lora_dense else [])]
     try:
         os.makedirs(stage)
         dense, rows = dense_weights(model), []  # the original projections: restore_ needs no other copy of the model

@@ -762,6 +762,7 @@ BAD = {
     "negative share": (["--shares=-0.5,1.5"], "--shares needs 2 fractions"),
     "malformed shares": (["--shares", "half,half"], "--shares must be"),
     "seeds without --compare": (["--seeds", "0,1"], "--seeds needs --compare"),
+    "the dense-delta row without --compare": (["--lora-dense"], "--lora-dense needs --compare"),
     "malformed seeds": (["--compare", "--seeds", "0,x"], "--seeds must be"),
     "a seed twice": (["--compare", "--seeds", "1,1"], "given twice"),
     "missing perplexity text": (["--compare", "--ppl-text", "/nonexistent/text.txt"], "--ppl-text"),
@@ -939,11 +940,12 @@ def test_seeds_give_the_single_seed_rows_and_their_mean_and_sd(tiny_run, capsys)
     tmp, base = tiny_run
     write_data(tmp / "data")
     common = base + ["--sparsity", "0.5", "--compare", "--data-dir", str(tmp / "data"), "--tasks", "wikitext2,piqa", "--eval-seqlen", "128"]
-    assert run_cli(common + ["--seeds", "0,1", "--out", str(tmp / "both")]) == 0
+    assert run_cli(common + ["--seeds", "0,1", "--lora-dense", "--out", str(tmp / "both")]) == 0
     table = capsys.readouterr().out
-    assert run_cli(common + ["--seed", "1", "--out", str(tmp / "one")]) == 0
+    assert run_cli(common + ["--seed", "1", "--lora-dense", "--out", str(tmp / "one")]) == 0
     both, one = (json.loads((tmp / d / "compare.json").read_text()) for d in ("both", "one"))
-    assert both["seeds"] == [0, 1] and one["seeds"] == [1] and [r["seed"] for r in both["rows"]] == [0] * 4 + [1] * 4
+    assert both["seeds"] == [0, 1] and one["seeds"] == [1] and [r["seed"] for r in both["rows"]] == [0] * 5 + [1] * 5
+    assert [r["name"] for r in one["rows"]] == ["dense", "oneshot", "lora", "lora_dense", "losa"]
     assert strip_seconds([r for r in both["rows"] if r["seed"] == 1]) == strip_seconds(one["rows"])
     seed0 = {r["name"]: r for r in both["rows"] if r["seed"] == 0}
     assert seed0["oneshot"]["ppl"] != one["rows"][1]["ppl"]  # the seed reaches the calibration windows
@@ -1046,10 +1048,12 @@ def test_unmasked_lora_is_plain_lora_and_its_delta_is_dense():
     assert (lin.weight == 0).float().mean() > 0.4 and ((lin.weight + m.delta()) == 0).sum() == 0
 
 
-def test_demo_shortened_on_smollm2(smollm2, tmp_path, capsys):
+def test_demo_shortened_on_smollm2(smollm2, tmp_path, capsys, monkeypatch):
     """`python losa.py` with tiny budgets: exactly as sparse as asked, LoSA below one-shot pruning; every row
-    scored in domain (held-back pydoc) and out of domain (data/wikipedia.txt), the dense row as a direct
-    perplexity loop scores them."""
+    scored in domain (held-back pydoc) and out of domain (the Wikipedia text, here its first 5,000 characters
+    to keep the test short), the dense row as a direct perplexity loop scores them."""
+    (tmp_path / "wikipedia.txt").write_text(open(losa.WIKIPEDIA, encoding="utf-8").read()[:5000], encoding="utf-8")
+    monkeypatch.setattr(losa, "WIKIPEDIA", str(tmp_path / "wikipedia.txt"))
     out = tmp_path / "demo"
     args = ["--steps", "2", "--nsamples", "8", "--seqlen", "128", "--train-samples", "32", "--max-len", "128", "--out", str(out)]
     assert run_cli(args) == 0
