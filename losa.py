@@ -1014,6 +1014,8 @@ def build_parser():
     a("--ablation", action="store_true", help="with --compare: also the paper's w. LoRA (unmasked LoRA, scored unmerged: "
       "a dense delta on the sparse model) and LoSA without RMI, without rank allocation, and without both")
     a("--lora-dense", action="store_true", help="with --compare: the paper's w. LoRA row alone (--ablation includes it)")
+    a("--rows", help=f"with --compare: only these rows, comma-separated ({', '.join(ROWS)}); dense is always scored, and "
+      "lora and lora_dense bring losa, whose ranks they use")
     a("--seeds", help="with --compare: every row for each of these seeds, comma-separated (e.g. 0,1,2); the table shows mean ± sd")
     a("--ppl-text", action="append", default=[], metavar="TXT", help="with --compare: also score the perplexity of this "
       "text file (one token stream, as WikiText-2); repeatable")
@@ -1078,12 +1080,13 @@ def validate_compare(args):
     from eval import TASKS
 
     alone = [f for f, v in (("--ablation", args.ablation), ("--data-dir", args.data_dir), ("--tasks", args.tasks), ("--limit", args.limit),
-                            ("--eval-seqlen", args.eval_seqlen), ("--seeds", args.seeds), ("--lora-dense", args.lora_dense), ("--ppl-text", args.ppl_text),
+                            ("--eval-seqlen", args.eval_seqlen), ("--seeds", args.seeds), ("--lora-dense", args.lora_dense), ("--ppl-text", args.ppl_text), ("--rows", args.rows),
                             ("several pruners", len(args.pruners) > 1)) if v]
     if alone and not args.compare:
         raise ValueError(f"{alone[0]} needs --compare")
     if args.compare and (args.no_rmi or args.no_rank_alloc or args.no_finetune):
         raise ValueError("--compare sets RMI, rank allocation and fine-tuning row by row: drop --no-rmi, --no-rank-alloc, --no-finetune")
+    args.rows = parse_rows(args)
     if args.tasks and args.train == "pydoc" and args.data_dir is None:
         raise ValueError("--tasks needs --data-dir or a --train other than pydoc: with pydoc, the held-back pydoc text is scored")
     args.tasks = [t.strip() for t in (args.tasks or ",".join(["wikitext2", *TASKS])).split(",") if t.strip()]
@@ -1104,6 +1107,19 @@ def validate_compare(args):
     for k in ("limit", "eval_seqlen", "eval_batch_size"):
         if getattr(args, k) is not None and getattr(args, k) < (2 if k == "eval_seqlen" else 1):
             raise ValueError(f"--{k.replace('_', '-')} must be at least {2 if k == 'eval_seqlen' else 1}")
+
+
+def parse_rows(args):
+    """The comparison's rows: --rows (plus losa where a LoRA row needs its ranks), else the default four, with
+    the paper's w. LoRA (--lora-dense) or the whole ablation (--ablation)."""
+    if args.rows is None:
+        return ["oneshot", "lora", "losa", *(ABLATION if args.ablation else ["lora_dense"] if args.lora_dense else [])]
+    if args.ablation or args.lora_dense:
+        raise ValueError("--rows names the rows itself: drop --ablation and --lora-dense")
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    if not names or any(n not in ROWS for n in names):
+        raise ValueError(f"--rows: choose from {', '.join(ROWS)}, got {args.rows!r}")
+    return names + (["losa"] if "losa" not in names and any(n.startswith("lora") for n in names) else [])
 
 
 def parse_shares(text, T):
@@ -1228,13 +1244,12 @@ def run_comparison(model, tokenizer, runs, args, score, report, meta):
     stage = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
     where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
     keep = lambda row: save(model, tokenizer, report(replace(runs[0][2], pruner=row["pruner"]), row["steps"], row["seconds"]), where(row["pruner"]))
-    names = ["oneshot", "lora", "losa", *(ABLATION if args.ablation else ["lora_dense"] if args.lora_dense else [])]
     try:
         os.makedirs(stage)
         dense, rows = dense_weights(model), []  # the original projections: restore_ needs no other copy of the model
         for i, (calib_ids, plan, cfg) in enumerate(runs):
             tag = f"seed {cfg.seed} ({i + 1} of {len(runs)}), " if len(runs) > 1 else ""
-            rows += compare(model, calib_ids, plan, cfg, args.pruners, names, score, dense, keep if i == 0 else None, tag)
+            rows += compare(model, calib_ids, plan, cfg, args.pruners, args.rows, score, dense, keep if i == 0 else None, tag)
         summary = summarize(rows)
         with open(os.path.join(stage, "compare.json"), "w") as f:
             json.dump(dict(**meta, seeds=[cfg.seed for _, _, cfg in runs], rows=rows, summary=summary), f, indent=1)
@@ -1287,7 +1302,8 @@ def main(argv=None):
         if args.window_bos and tokenizer.bos_token_id is None:
             raise ValueError("--window-bos: the tokenizer has no BOS token")
     except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
-        fail(f"cannot use model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        fail(msg if msg.startswith("cannot load model") else f"cannot use model {path}: {msg}")  # eval.py's message names it
     seqlen = args.eval_seqlen or (512 if pydoc else min(model.config.max_position_embeddings, 4096))  # as eval.py
     bos = tokenizer.bos_token_id if args.window_bos else None
     try:
@@ -1321,7 +1337,7 @@ def main(argv=None):
         fail(f"{e}; nothing written")
     seeds = f"; mean ± sample sd over seeds {','.join(map(str, args.seeds))}" if len(args.seeds) > 1 else ""
     print(f"\n{format_rows(summary)}\n\nscored on {scoring['source']}, perplexity windows of {seqlen} tokens{seeds}; "
-          f"total {(time.time() - tic) / 60:.1f} min; LoSA model and compare.json saved to {args.out}")
+          f"total {(time.time() - tic) / 60:.1f} min; {'LoSA model and ' if 'losa' in args.rows else ''}compare.json saved to {args.out}")
 
 
 if __name__ == "__main__":

@@ -515,7 +515,7 @@ def test_cli_says_a_missing_model_folder_does_not_exist(tiny_run, capsys, path):
     capsys.readouterr()
     assert run_cli(base + ["--model", path, "--out", str(tmp / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].endswith(f"cannot load model {path}: no such file or folder")
+    assert err == [f"losa.py: error: cannot load model {path}: no such file or folder"]  # said once
     assert not list(tmp.glob("out*"))
     assert not ev.looks_local("HuggingFaceTB/SmolLM2-135M") and not ev.looks_local("gpt2")  # Hub ids go to the Hub
 
@@ -749,7 +749,7 @@ BAD = {
     "rank bounds": (["--mean-rank", "14", "--r-max", "16", "--steps", "5"], "ranks cannot hold"),
     "missing calibration file": (["--calib", "/nonexistent/calib.txt"], "no such file"),
     "missing training file": (["--train", "/nonexistent/train.jsonl"], "no such file"),
-    "unloadable model": (["--model", "/nonexistent/model"], "cannot use model"),
+    "unloadable model": (["--model", "/nonexistent/model"], "cannot load model"),
     "unknown pruner": (["--pruner", "magnitude"], "--pruner"),
     "two pruners without --compare": (["--pruner", "wanda,sparsegpt"], "needs --compare"),
     "ablation without --compare": (["--ablation"], "needs --compare"),
@@ -766,6 +766,9 @@ BAD = {
     "malformed seeds": (["--compare", "--seeds", "0,x"], "--seeds must be"),
     "a seed twice": (["--compare", "--seeds", "1,1"], "given twice"),
     "missing perplexity text": (["--compare", "--ppl-text", "/nonexistent/text.txt"], "--ppl-text"),
+    "rows without --compare": (["--rows", "losa"], "--rows needs --compare"),
+    "an unknown row": (["--compare", "--rows", "losa,magnitude"], "--rows: choose from"),
+    "rows with --ablation": (["--compare", "--rows", "losa", "--ablation"], "--rows names the rows itself"),
 }
 
 
@@ -964,6 +967,13 @@ def test_seeds_give_the_single_seed_rows_and_their_mean_and_sd(tiny_run, capsys)
     assert dense["ppl"]["wikitext2"]["sd"] == 0 and "mean ± sample sd over seeds 0,1" in table
     report = json.loads((tmp / "both" / "losa_report.json").read_text())
     assert report["steps"] == seed0["losa"]["steps"] and report["settings"]["seed"] == 0
+    # --rows: the rows asked for (lora_dense brings losa, whose ranks it uses) are those of the full run, bit for bit
+    assert run_cli(common + ["--seed", "1", "--rows", "lora_dense", "--out", str(tmp / "some")]) == 0
+    assert run_cli(common + ["--seed", "1", "--rows", "oneshot", "--out", str(tmp / "oneshot")]) == 0
+    for d, names in (("some", ["dense", "lora_dense", "losa"]), ("oneshot", ["dense", "oneshot"])):
+        some = json.loads((tmp / d / "compare.json").read_text())
+        assert strip_seconds(some["rows"]) == strip_seconds([r for r in one["rows"] if r["name"] in names])
+    assert (tmp / "some" / "model.safetensors").exists() and sorted(p.name for p in (tmp / "oneshot").iterdir()) == ["compare.json"]
     import datasets, transformers
     for r in (report, both):
         env = r["machine"]
