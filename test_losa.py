@@ -524,7 +524,7 @@ def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
     """Sequential one-shot Wanda at 50 % on a real model: perplexity on held-back text stays near dense."""
     model, tok = smollm2
     calib_text, _, eval_text = losa.pydoc_slices()
-    eval_ids = tok(eval_text, return_tensors="pt").input_ids[:, : 8 * 512]
+    eval_ids = tok(eval_text, return_tensors="pt").input_ids[:, : 4 * 512]
     original = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         dense = ev.perplexity(model, eval_ids, 512)
@@ -543,7 +543,7 @@ def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
         del model16
     finally:
         model.load_state_dict(original)
-    print(f"\nSmolLM2-135M, held-back Python docs, 8 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f} (fp32), {pruned_bf16:.2f} (bf16)")
+    print(f"\nSmolLM2-135M, held-back Python docs, 4 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f} (fp32), {pruned_bf16:.2f} (bf16)")
     assert sparsity == pytest.approx(0.5, abs=1e-3)
     assert 5 < dense < 30 and dense < pruned < 2.5 * dense
     assert all((z >= w.shape[1] // 2).all() for z, w in zip(rows_bf16, [l.weight for b in losa.decoder_layers(model) for l in losa.projections(b).values()]))
@@ -1060,12 +1060,14 @@ def test_unmasked_lora_is_plain_lora_and_its_delta_is_dense():
 
 def test_demo_shortened_on_smollm2(smollm2, tmp_path, capsys, monkeypatch):
     """`python losa.py` with tiny budgets: exactly as sparse as asked, LoSA below one-shot pruning; every row
-    scored in domain (held-back pydoc) and out of domain (the Wikipedia text, here its first 5,000 characters
-    to keep the test short), the dense row as a direct perplexity loop scores them."""
+    scored in domain (held-back pydoc) and out of domain (the Wikipedia text), here the first 6,000 and 5,000
+    characters of them to keep the test short, the dense row as a direct perplexity loop scores them."""
     (tmp_path / "wikipedia.txt").write_text(open(losa.WIKIPEDIA, encoding="utf-8").read()[:5000], encoding="utf-8")
     monkeypatch.setattr(losa, "WIKIPEDIA", str(tmp_path / "wikipedia.txt"))
+    slices = losa.pydoc_slices()
+    monkeypatch.setattr(losa, "pydoc_slices", lambda: (*slices[:2], slices[2][:6000]))  # and 6,000 held-back characters
     out = tmp_path / "demo"
-    args = ["--steps", "2", "--nsamples", "8", "--seqlen", "128", "--train-samples", "32", "--max-len", "128", "--out", str(out)]
+    args = ["--steps", "2", "--nsamples", "8", "--seqlen", "128", "--train-samples", "32", "--max-len", "64", "--out", str(out)]
     assert run_cli(args) == 0
     report = json.loads((out / "losa_report.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -1100,7 +1102,7 @@ def test_losa_shortened_on_gemma3(gemma3, tmp_path):
     bos, pad = tok.bos_token_id, tok.pad_token_id
     calib_text, train_text, eval_text = losa.pydoc_slices()
     calib = losa.sample_windows([calib_text], tok, 8, 256, 0, bos)
-    examples = losa.tokenize_examples(losa.chunk_text(train_text, tok, 128)[:32], tok, 128)
+    examples = losa.tokenize_examples(losa.chunk_text(train_text, tok, 64)[:16], tok, 64)
     eval_ids = tok(eval_text, return_tensors="pt", add_special_tokens=False).input_ids[:, : 8 * 255]
     ppl = lambda: ev.perplexity(model, eval_ids, 256, bos=bos)  # 8 windows of BOS + 255 tokens
     layers = losa.decoder_layers(model)
@@ -1127,7 +1129,7 @@ def test_losa_shortened_on_gemma3(gemma3, tmp_path):
         model.load_state_dict(original, strict=False)
         model.zero_grad(set_to_none=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    print(f"\nGemma 3 270M, 70 %, 8 x 256 calibration, 32 examples: perplexity dense {dense:.2f}, one-shot {oneshot:.2f}, LoSA {pruned:.2f}")
+    print(f"\nGemma 3 270M, 70 %, 8 x 256 calibration, 16 examples: perplexity dense {dense:.2f}, one-shot {oneshot:.2f}, LoSA {pruned:.2f}")
     assert dense < pruned < oneshot
 
 
