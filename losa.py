@@ -74,8 +74,8 @@ class Settings:
 # defaults of the CLI: the paper's LLaMA-2-7B setting, and the offline demo sized for 2 CPU cores
 PAPER = dict(sparsity=0.5, calib="c4", nsamples=128, seqlen=2048, train="alpaca-gpt4", train_samples=10_000,
              max_len=1024, batch_size=4, grad_accum=2, lr=2e-4)
-DEMO = dict(sparsity=0.7, calib="pydoc", nsamples=16, seqlen=256, train="pydoc", train_samples=160,
-            max_len=128, batch_size=4, grad_accum=1, lr=1e-3)
+DEMO = dict(sparsity=0.7, calib="pydoc", nsamples=16, seqlen=128, train="pydoc", train_samples=160,
+            max_len=96, batch_size=4, grad_accum=1, lr=1e-3)  # sized for 12 minutes on 2 CPU cores
 
 # -----------------------------------------------------------------------------------------------
 # data
@@ -996,10 +996,10 @@ def build_parser():
       "(BOS + seqlen-1 text tokens): for models trained with BOS at the start of every sequence, such as Gemma; "
       "off: windows cut from one token stream, the Wanda/SparseGPT protocol. Fine-tuning examples keep the tokenizer's own BOS")
     a("--train", help="alpaca-gpt4 (default), pydoc, or a .jsonl/.json with 'text' or Alpaca fields")
-    a("--train-samples", type=int, help=f"fine-tuning examples over all steps (default {PAPER['train_samples']})")
+    a("--train-samples", type=int, help=f"fine-tuning examples over all steps (default {PAPER['train_samples']}; demo {DEMO['train_samples']})")
     a("--batch-size", type=int, help="examples per micro-batch (default 4)")
     a("--grad-accum", type=int, help="micro-batches per update (default 2; demo 1)")
-    a("--max-len", type=int, help=f"tokens per fine-tuning example (default {PAPER['max_len']})")
+    a("--max-len", type=int, help=f"tokens per fine-tuning example (default {PAPER['max_len']}; demo {DEMO['max_len']})")
     a("--lr", type=float, help="peak learning rate (default 2e-4; demo 1e-3)")
     a("--mean-rank", type=int, default=6, help="Omega_1, the mean LoRA rank of step 1 (+1 per step)")
     a("--r-max", type=int, default=16)
@@ -1161,17 +1161,20 @@ def load_data(args, tokenizer):
 
 
 WIKIPEDIA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wikipedia.txt")  # CC BY-SA 4.0, see data/README.md
+DEMO_TEXT_CHARS = 12_000  # the demo scores this much of each text: 5 windows of 512 SmolLM2 tokens each
 
 
 def load_eval_data(args):
     """({name: text} to score perplexity on, {task: documents}) for the comparison: eval.py's files or the Hub,
-    or, with --train pydoc (the demo), the slice of Python's docs held back from calibration and training (in
-    domain) and Wikipedia (out of domain, as the paper's WikiText-2); --ppl-text files in every case."""
+    or, with --train pydoc (the demo), the first DEMO_TEXT_CHARS characters of the slice of Python's docs held
+    back from calibration and training (in domain) and of Wikipedia (out of domain, as the paper's WikiText-2);
+    --ppl-text files in every case."""
     from eval import load_docs, load_wikitext
 
     extra = {os.path.basename(p): read_texts(p)[0] for p in args.ppl_text}
     if args.data_dir is None and args.train == "pydoc":
-        return dict(pydoc=pydoc_slices()[2], wikipedia=read_texts(WIKIPEDIA)[0], **extra), {}
+        n = DEMO_TEXT_CHARS
+        return dict(pydoc=pydoc_slices()[2][:n], wikipedia=read_texts(WIKIPEDIA)[0][:n], **extra), {}
     texts = dict(wikitext2=load_wikitext(args.data_dir)) if "wikitext2" in args.tasks else {}
     return {**texts, **extra}, {t: load_docs(t, args.data_dir, args.limit) for t in args.tasks if t != "wikitext2"}
 

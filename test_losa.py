@@ -991,6 +991,21 @@ def test_the_demo_flags_of_a_single_row_run_one_row():
         losa.validate(losa.build_parser().parse_args(["--compare", "--no-rmi", "--out", "/nonexistent/x"]))
 
 
+def test_the_demo_scores_the_first_characters_of_both_texts():
+    """The demo's perplexity texts: the first DEMO_TEXT_CHARS characters of the fifth of Python's topics that
+    neither calibrates nor fine-tunes, and of data/wikipedia.txt, both read here without losa's helpers."""
+    texts, docs = losa.load_eval_data(losa.validate(losa.build_parser().parse_args(["--out", "/nonexistent/x"])))
+    names = sorted(topics)
+    held = "\n\n".join(topics[k] for k in names[4::5])
+    with open(os.path.join(os.path.dirname(os.path.abspath(losa.__file__)), "data", "wikipedia.txt"), encoding="utf-8") as f:
+        wiki = f.read()
+    n = losa.DEMO_TEXT_CHARS
+    assert len(held) > n and len(wiki) > n and docs == {}  # a real cut of both
+    assert texts == {"pydoc": held[:n], "wikipedia": wiki[:n]}
+    calib, train, _ = losa.pydoc_slices()
+    assert all(topics[k] not in calib and topics[k] not in train for k in names[4::5] if len(topics[k]) > 200)
+
+
 def even_plan_before_shares(examples, T, batch_size, grad_accum, pad_id, seed):
     """update_plan as it was before per-step shares: examples [t N // T, (t + 1) N // T) at step t."""
     generator = torch.Generator().manual_seed(seed)
