@@ -74,7 +74,7 @@ class Settings:
 # defaults of the CLI: the paper's LLaMA-2-7B setting, and the offline demo sized for 2 CPU cores
 PAPER = dict(sparsity=0.5, calib="c4", nsamples=128, seqlen=2048, train="alpaca-gpt4", train_samples=10_000,
              max_len=1024, batch_size=4, grad_accum=2, lr=2e-4)
-DEMO = dict(sparsity=0.7, calib="pydoc", nsamples=16, seqlen=128, train="pydoc", train_samples=160,
+DEMO = dict(sparsity=0.7, calib="pydoc", nsamples=16, seqlen=64, train="pydoc", train_samples=160,
             max_len=96, batch_size=4, grad_accum=1, lr=1e-3)  # sized for 12 minutes on 2 CPU cores
 
 # -----------------------------------------------------------------------------------------------
