@@ -1021,7 +1021,7 @@ def build_parser():
       "text file (one token stream, as WikiText-2); repeatable")
     a("--data-dir", help="with --compare: score on eval.py's files here (wikitext2.jsonl, <task>.jsonl) instead of the Hub")
     a("--tasks", help="with --compare: wikitext2 and zero-shot tasks, comma-separated (default all eight; with --train pydoc and "
-      "no --data-dir: the perplexity of the first 12,000 characters of held-back pydoc text, in domain, and of "
+      f"no --data-dir: the perplexity of the first {DEMO_TEXT_CHARS:,} characters of held-back pydoc text, in domain, and of "
       "data/wikipedia.txt, out of domain)")
     a("--limit", type=int, help="with --compare: first N documents of each zero-shot task")
     a("--eval-seqlen", type=int, help="with --compare: perplexity window (default the model's max_position_embeddings; pydoc 512)")
