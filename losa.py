@@ -1255,8 +1255,10 @@ def run_comparison(model, tokenizer, runs, args, score, report, meta):
             tag = f"seed {cfg.seed} ({i + 1} of {len(runs)}), " if len(runs) > 1 else ""
             rows += compare(model, calib_ids, plan, cfg, args.pruners, args.rows, score, dense, keep if i == 0 else None, tag)
         summary = summarize(rows)
+        meta = dict(meta)
+        seconds = round(time.time() - meta.pop("started"), 1)  # wall time from the start of main()
         with open(os.path.join(stage, "compare.json"), "w") as f:
-            json.dump(dict(**meta, seeds=[cfg.seed for _, _, cfg in runs], rows=rows, summary=summary), f, indent=1)
+            json.dump(dict(**meta, seconds=seconds, seeds=[cfg.seed for _, _, cfg in runs], rows=rows, summary=summary), f, indent=1)
         if os.path.exists(args.out):
             shutil.rmtree(args.out)
         os.replace(stage, args.out)
@@ -1276,6 +1278,13 @@ def redraw(report_path):
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         fail(f"--plot: cannot draw {report_path}: {type(e).__name__}: {e}")
     print(f"figure written to {png}")
+
+
+def command(argv):
+    """The command line that made a report, as one would type it again."""
+    import shlex
+
+    return shlex.join(["python", "losa.py", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv=None):
@@ -1334,7 +1343,7 @@ def main(argv=None):
         source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else args.data_dir or "the Hub"
         scoring = dict(source=source, texts=list(texts), tasks=[] if pydoc else args.tasks, seqlen=seqlen, limit=args.limit,
                        batch_size=args.eval_batch_size)
-        summary = run_comparison(model, tokenizer, runs, args, score, report, dict(model=path, data=data, scoring=scoring, machine=env))
+        summary = run_comparison(model, tokenizer, runs, args, score, report, dict(model=path, data=data, scoring=scoring, machine=env, command=command(argv), started=tic))
     except NonFiniteLoss as e:
         fail(f"{e}; nothing written", code=1)
     except IllConditionedHessian as e:
