@@ -13,12 +13,14 @@ fine-tuned in between, so that the LoRA merges back into an exactly sparse model
 
 Deliberately different from the released code (see README): LoRA allocated at r_max (no silent
 cap at 8), the exact closed-form layer-sparsity optimum, the released per-step data shares (60 % at
-the last step) with every example used once, N:M implemented, nothing keyed on model names, Gram matrices and a dense stream instead of
-stored features and outputs (host memory ~ the model, not ~64 GB for 7B).
+the last step) with every example used once, N:M implemented, nothing keyed on model names, Gram
+matrices and a dense stream instead of stored features and outputs (host memory ~ the model, not
+~64 GB for 7B).
 
     python losa.py                                                  # offline demo, SmolLM2-135M
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7  # the paper's setting
-    python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare  # its Table 1 rows
+    # its Table 1 rows, both pruners:
+    python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare
 """
 import argparse
 import itertools
@@ -52,6 +54,7 @@ class Settings:
     nm: tuple | None = None  # (n, m): keep n of every m consecutive inputs; None = unstructured
     rmi: bool = True  # layer sparsities from RMI; False = uniform S_t
     rank_alloc: bool = True  # ranks from reconstruction errors; False = uniform Omega_t
+    rank_rule: str = "accumulated"  # which error the ranks follow: one of RANK_RULES
     finetune: bool = True  # False = prune only
     masked: bool = True  # False = plain LoRA, a dense delta left unmerged (the paper's w. LoRA baseline; T = 1 only)
     shares: tuple | None = None  # fraction of the fine-tuning examples per step; None = released_shares(T)
@@ -203,7 +206,8 @@ def decoder_layers(model):
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and n and len(m) == n:
             return m
-    raise ValueError(f"{type(model).__name__} has no decoder blocks (an nn.ModuleList of config.num_hidden_layers modules)")
+    what = "an nn.ModuleList of config.num_hidden_layers modules"
+    raise ValueError(f"{type(model).__name__} has no decoder blocks ({what})")
 
 
 @torch.no_grad()
@@ -225,7 +229,10 @@ def capture_block_inputs(model, input_ids):
         if len(xs) > 1 or l == len(layers) - 1:
             raise _Captured
 
-    hooks = [b.register_forward_pre_hook(lambda m, a, kw, l=l: grab(l, a, kw), with_kwargs=True) for l, b in enumerate(layers)]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, kw, l=l: grab(l, a, kw), with_kwargs=True)
+        for l, b in enumerate(layers)
+    ]
     try:
         for ids in input_ids:
             try:
@@ -242,13 +249,15 @@ def capture_block_inputs(model, input_ids):
 def run_block(block, x, kwargs, params=None):
     """x (N, seqlen, d) <- block(x), one sequence at a time, in place; `params` overrides weights."""
     for i in range(len(x)):
-        out = block(x[i : i + 1], **kwargs) if params is None else torch.func.functional_call(block, params, x[i : i + 1], kwargs)
+        xi = x[i : i + 1]
+        out = block(xi, **kwargs) if params is None else torch.func.functional_call(block, params, xi, kwargs)
         x[i] = out[0] if isinstance(out, tuple) else out
     return x
 
 
 def projections(block):
-    """name -> nn.Linear for the projections of a decoder block: every nn.Linear in it (q, k, v, o, gate, up, down; fused ones too)."""
+    """name -> nn.Linear for the projections of a decoder block: every nn.Linear in it
+    (q, k, v, o, gate, up, down; fused ones too)."""
     return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
 
@@ -286,14 +295,16 @@ def inverse_hessian_factor(H, percdamp):
 
 
 def sparsegpt_obs_(W, U, sparsity, nm, blocksize):
-    """The OBS sweep over blocks of columns of W (in place), mask chosen as the reference code does; returns the prune mask."""
+    """The OBS sweep over blocks of columns of W (in place), mask chosen as the reference code does;
+    returns the prune mask."""
     cols = W.shape[1]
     if nm is not None:
         blocksize -= blocksize % nm[1]  # N:M groups never straddle two blocks
     prune = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1, P1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(W.shape[0], i2 - i1, dtype=torch.bool, device=W.device)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        P1 = torch.zeros(W.shape[0], i2 - i1, dtype=torch.bool, device=W.device)
         d = U1.diag()
         Err1 = torch.zeros_like(W1)
         if nm is None and sparsity > 0:  # tmp = W^2 / diag(U)^2; prune tmp <= sort(tmp)[floor(s * count)]
@@ -302,7 +313,8 @@ def sparsegpt_obs_(W, U, sparsity, nm, blocksize):
         for j in range(i2 - i1):
             if nm is not None and j % nm[1] == 0:  # the m - n smallest W^2 / diag(U)^2 of the group
                 n, m = nm
-                P1[:, j : j + m].scatter_(1, (W1[:, j : j + m] ** 2 / d[j : j + m] ** 2).argsort(dim=1, stable=True)[:, : m - n], True)
+                tmp = W1[:, j : j + m] ** 2 / d[j : j + m] ** 2
+                P1[:, j : j + m].scatter_(1, tmp.argsort(dim=1, stable=True)[:, : m - n], True)
             w = W1[:, j]
             q = w.masked_fill(P1[:, j], 0)
             err = (w - q) / d[j]  # (w_j - q_j) / U_jj
@@ -333,7 +345,9 @@ def sparsegpt_prune_(weight, hessian, sparsity, nm=None, blocksize=128, percdamp
                 weight.copy_(W.to(weight.dtype))
                 return ~prune, damp
         damp, tried = max(10 * damp, 0.01), damp
-    raise IllConditionedHessian(f"no positive definite H + damping I with finite weights, up to relative damping {tried:g}")
+    raise IllConditionedHessian(
+        f"no positive definite H + damping I with finite weights, up to relative damping {tried:g}"
+    )
 
 
 def wanda_prune_(weight, act_sq_mean, sparsity, nm=None):
@@ -351,8 +365,9 @@ PRUNERS = {
 
 
 @torch.no_grad()
-def input_statistics(block, x, kwargs, statistic, scale):
-    """Run the block over x with hooks on its projections -> name -> scale * token mean of statistic."""
+def input_statistics(block, x, kwargs, statistic, scale, out=None):
+    """Run the block over x with hooks on its projections -> name -> scale * token mean of statistic.
+    A buffer `out` (shaped as x) receives the block's outputs."""
     sums, counts, hooks, seen = {}, {}, [], {}
     for name, lin in projections(block).items():
 
@@ -368,7 +383,9 @@ def input_statistics(block, x, kwargs, statistic, scale):
         with torch.no_grad():
             for i in range(len(x)):
                 seen.clear()
-                block(x[i : i + 1], **kwargs)
+                y = block(x[i : i + 1], **kwargs)
+                if out is not None:
+                    out[i] = y[0] if isinstance(y, tuple) else y
     finally:
         for h in hooks:
             h.remove()
@@ -392,33 +409,40 @@ def reconstruction_error(dense_out, sparse_out):
 
 def dense_weights(model):
     """The original weights of every block's projections, kept on the CPU for the dense stream."""
-    return [[lin.weight.detach().to("cpu", copy=True) for lin in projections(b).values()] for b in decoder_layers(model)]
+    copy = lambda lin: lin.weight.detach().to("cpu", copy=True)
+    return [[copy(lin) for lin in projections(b).values()] for b in decoder_layers(model)]
 
 
-def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None):
+def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None, local=None):
     """Prune every block at its sparsity; returns E_l of each block against the dense model.
 
     Two activation streams advance side by side: the pruned model's, fed its own outputs, and the
     original dense model's (its weights from `dense`), so no block's outputs are ever stored twice.
     A list `damping` gets, per block, {projection: relative damping SparseGPT used (None: Wanda)}.
+    A list `local` gets each block's own error: its outputs before against after pruning, on the same
+    pruned-stream inputs (one more activation buffer).
     """
     statistic, scale, prune_ = PRUNERS[pruner]
     sparse_x, dense_x = x.clone(), x.clone()
+    before = torch.empty_like(x) if local is not None else None
     errors = []
     for l, block in enumerate(tqdm(decoder_layers(model), desc=f"prune ({pruner})", leave=False)):
         original = {f"{name}.weight": w.to(x.device) for name, w in zip(projections(block), dense[l], strict=True)}
         run_block(block, dense_x, kwargs[l], original)
-        stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale)
+        stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale, before)
         used = {}
         for name, lin in projections(block).items():
             try:
-                _, used[name.removesuffix(".base")] = prune_(lin.weight.data, stats[name], sparsities[l], nm)  # .base: inside a LoRA
+                # .base: the projection inside a LoRA wrapper
+                _, used[name.removesuffix(".base")] = prune_(lin.weight.data, stats[name], sparsities[l], nm)
             except IllConditionedHessian as e:
                 raise IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}") from None
         if damping is not None:
             damping.append(used)
         run_block(block, sparse_x, kwargs[l])
         errors.append(reconstruction_error(dense_x, sparse_x))
+        if local is not None:
+            local.append(reconstruction_error(before, sparse_x))  # block l alone, before vs after pruning
     return errors
 
 
@@ -494,6 +518,31 @@ def allocate_ranks(errors, mean_rank, r_min=1, r_max=16):
     return r
 
 
+RANK_RULES = ("accumulated", "local", "increment", "released-cap", "shuffled")
+RELEASED_RANK = 8  # the released code allocates every LoRA at r = 8 and slices it: the rank used is min(r_l, 8)
+
+
+def error_increments(errors):
+    """max(E_l - E_{l-1}, 0), E_0 = 0: what block l adds to the accumulated error."""
+    return [max(e - prev, 0.0) for prev, e in zip([0.0, *errors], errors)]
+
+
+def step_ranks(errors, local, omega, cfg, t):
+    """r_1..r_L for step t by cfg.rank_rule (uniform Omega_t with rank_alloc False): `accumulated` follows E_l
+    (the paper), `local` each block's own error, `increment` error_increments(E), `released-cap` the paper's ranks
+    capped at RELEASED_RANK, `shuffled` the paper's rank values in a random block order fixed by (seed, t)."""
+    L, rule = len(errors), cfg.rank_rule
+    if not cfg.rank_alloc:
+        return [omega] * L
+    source = local if rule == "local" else error_increments(errors) if rule == "increment" else errors
+    r = allocate_ranks(source, omega, cfg.r_min, cfg.r_max)
+    if rule == "released-cap":
+        return [min(v, RELEASED_RANK) for v in r]
+    if rule == "shuffled":
+        return random.Random(1000 * cfg.seed + t).sample(r, L)
+    return r
+
+
 # -----------------------------------------------------------------------------------------------
 # masked LoRA
 
@@ -551,7 +600,8 @@ class MaskedLoRALinear(nn.Module):
         self.masked = True
 
     def delta(self):
-        """s (B[:, :r] A[:r]) * M, the masked update (unmasked: s B[:, :r] A[:r]), in float32 (or the LoRA's dtype if wider)."""
+        """s (B[:, :r] A[:r]) * M, the masked update (unmasked: s B[:, :r] A[:r]), in float32
+        (or the LoRA's dtype if wider)."""
         BA = self.scaling * (self.lora_B[:, : self.rank] @ self.lora_A[: self.rank]).float()
         return BA * (self.base.weight != 0) if self.masked else BA
 
@@ -756,9 +806,10 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
         with adapters_off(mods):
             s_l = step_sparsities(model, x0, kwargs, s_t, cfg)
             damping = []  # per block and projection: SparseGPT's relative damping (raised where H needed it)
-            errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense, damping)
+            local = [] if cfg.rank_alloc and cfg.rank_rule == "local" else None
+            errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense, damping, local)
         merge_(mods, -1)  # W <- W - s (BA) * M_new
-        ranks = allocate_ranks(errors, omega, cfg.r_min, cfg.r_max) if cfg.rank_alloc else [omega] * len(layers)
+        ranks = step_ranks(errors, local, omega, cfg, t)
         for block, r in zip(lora, ranks):
             for m in block:
                 m.rank = r
@@ -769,6 +820,7 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
                            ranks=ranks, mean_rank=sum(ranks) / len(ranks), reconstruction_error=errors,
                            examples=sum(len(b["input_ids"]) for u in fed for b in u), updates=len(fed),
                            train_loss=losses, seconds=time.time() - tic,
+                           **({"local_error": local} if local is not None else {}),
                            **({"damping": damping} if cfg.pruner == "sparsegpt" else {})))
         omega += 1  # Omega_{t+1} = Omega_t + 1
     if cfg.masked:
@@ -846,18 +898,30 @@ ROWS = {  # row -> its settings against LoSA's, in the order rows run (w. LoRA n
     "oneshot": dict(steps=1, rmi=False, finetune=False),  # the pruner alone, uniform S
     "losa": {},
     "lora": dict(steps=1, rmi=False, rank_alloc=False),  # one-shot, then masked LoRA at LoSA's mean rank
-    "lora_dense": dict(steps=1, rmi=False, rank_alloc=False, masked=False),  # the paper's w. LoRA: unmasked, unmerged
+    "lora_dense": dict(steps=1, rmi=False, rank_alloc=False, masked=False),  # the paper's w. LoRA: unmerged
     "losa_no_rmi": dict(rmi=False),
     "losa_no_rank_alloc": dict(rank_alloc=False),
     "losa_uniform": dict(rmi=False, rank_alloc=False),
+    **{f"losa_rank_{rule.replace('-', '_')}": dict(rank_rule=rule) for rule in RANK_RULES[1:]},
 }
 ABLATION = ["lora_dense", "losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]  # the rows --ablation adds
-ORDER = ["dense", "oneshot", "lora", "lora_dense", "losa", *ABLATION[1:]]  # the table's order
-LABELS = {"dense": "Dense", "oneshot": "{}", "lora": "{} w. LoRA", "lora_dense": "{} w. LoRA, unmerged (dense delta)",
-          "losa": "{} w. LoSA", "losa_no_rmi": "{} w. LoSA, no RMI", "losa_no_rank_alloc": "{} w. LoSA, no rank allocation",
-          "losa_uniform": "{} w. LoSA, neither"}
+ORDER = ["dense", "oneshot", "lora", "lora_dense", "losa", *ABLATION[1:], *list(ROWS)[7:]]  # the table's order
+LABELS = {
+    "dense": "Dense",
+    "oneshot": "{}",
+    "lora": "{} w. LoRA",
+    "lora_dense": "{} w. LoRA, unmerged (dense delta)",
+    "losa": "{} w. LoSA",
+    "losa_no_rmi": "{} w. LoSA, no RMI",
+    "losa_no_rank_alloc": "{} w. LoSA, no rank allocation",
+    "losa_uniform": "{} w. LoSA, neither",
+    "losa_rank_local": "{} w. LoSA, ranks from each block's own error",
+    "losa_rank_increment": "{} w. LoSA, ranks from error increments",
+    "losa_rank_released_cap": f"{{}} w. LoSA, ranks capped at {RELEASED_RANK} (released)",
+    "losa_rank_shuffled": "{} w. LoSA, ranks shuffled over blocks",
+}
 PPL_HEADERS = {"pydoc": "PPL pydoc (in domain)", "wikipedia": "PPL Wikipedia (out of domain)", "wikitext2": "PPL"}
-PAPER_TASKS = ["hellaswag", "winogrande", "boolq", "openbookqa", "piqa", "arc_easy", "arc_challenge"]  # Table 1's columns
+PAPER_TASKS = ["hellaswag", "winogrande", "boolq", "openbookqa", "piqa", "arc_easy", "arc_challenge"]  # Table 1
 
 
 def scorer(model, tokenizer, texts, docs, seqlen, batch_size, bos=None):
@@ -865,7 +929,8 @@ def scorer(model, tokenizer, texts, docs, seqlen, batch_size, bos=None):
     by eval.py's functions (with `bos`, every perplexity window is BOS + seqlen - 1 tokens of the text)."""
     from eval import evaluate_task, perplexity
 
-    ids = {name: tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids for name, text in texts.items()}
+    tokenize = lambda text: tokenizer(text, return_tensors="pt", add_special_tokens=bos is None).input_ids
+    ids = {name: tokenize(text) for name, text in texts.items()}
     for name, t in ids.items():
         if t.numel() < seqlen - (bos is not None):
             raise ValueError(f"the perplexity text {name} has {t.numel()} tokens, fewer than one window of {seqlen}")
@@ -906,15 +971,18 @@ def compare(model, calib_ids, plan, cfg, pruners, names, score, dense, keep=None
         print(f"{tag}row {k} of {len(jobs)}: {name}{f' ({pruner})' if pruner else ''}", flush=True)
         tic, c, steps = time.time(), replace(cfg, pruner=pruner or cfg.pruner, **ROWS.get(name, {})), []
         if name.startswith("lora"):  # LoSA's updates, in LoSA's order, under one schedule
-            c = replace(c, mean_rank=lora_rank(next(r["steps"] for r in rows if (r["name"], r["pruner"]) == ("losa", pruner))))
+            losa_steps = next(r["steps"] for r in rows if (r["name"], r["pruner"]) == ("losa", pruner))
+            c = replace(c, mean_rank=lora_rank(losa_steps))
             steps = losa(model, calib_ids, [[u for step in plan for u in step]], c, dense)
         elif name != "dense":
             steps = losa(model, calib_ids, plan if c.finetune else [[]], c, dense)
         seconds = time.time() - tic
+        updates = sum(len(s["train_loss"]) for s in steps)
         rows.append(dict(name=name, pruner=pruner, seed=cfg.seed, settings=asdict(c) if pruner else {},
-                         updates=sum(len(s["train_loss"]) for s in steps), seconds=seconds, steps=steps, **row_sparsity(model), **score()))
+                         updates=updates, seconds=seconds, steps=steps, **row_sparsity(model), **score()))
         ppl = ", ".join(f"{t} {v:.2f}" for t, v in rows[-1]["ppl"].items())
-        print(f"  {name}: perplexity {ppl or '—'}, mean accuracy {rows[-1]['mean_acc']}, {seconds:.0f} s", flush=True)
+        print(f"  {name}: perplexity {ppl or '—'}, mean accuracy {rows[-1]['mean_acc']}, {seconds:.0f} s",
+              flush=True)
         if name == "losa" and keep is not None:
             keep(rows[-1])
         restore_(model, dense)
@@ -922,7 +990,7 @@ def compare(model, calib_ids, plan, cfg, pruners, names, score, dense, keep=None
 
 
 def summarize(rows):
-    """Per row (name, pruner), over its seeds: mean and sample standard deviation (None for one seed) of every score."""
+    """Per row (name, pruner), over its seeds: mean and sample sd (None for one seed) of every score."""
     groups = {}
     for r in rows:
         groups.setdefault((r["name"], r["pruner"]), []).append(r)
@@ -935,14 +1003,17 @@ def summarize(rows):
 
 
 def format_rows(summary):
-    """Markdown table in the layout of the paper's Table 1: method, sparsity, one perplexity per text, accuracies,
-    mean; `mean ± sd` where a row ran with several seeds (summarize)."""
+    """Markdown table in the layout of the paper's Table 1: method, sparsity, one perplexity per text,
+    accuracies, mean; `mean ± sd` where a row ran with several seeds (summarize)."""
     from eval import COLUMNS
 
     texts = list(summary[0]["ppl"])
     tasks = [t for t in PAPER_TASKS if any(t in r["acc"] for r in summary)]
-    head = ["Method", "Sparsity", *(PPL_HEADERS.get(t, f"PPL {t}") for t in texts), *(COLUMNS[t] for t in tasks), *(["Mean"] if tasks else [])]
-    cell = lambda st, f: "—" if st is None else f(st["mean"]) if st["sd"] is None else f"{f(st['mean'])} ± {f(st['sd'])}"
+    head = ["Method", "Sparsity", *(PPL_HEADERS.get(t, f"PPL {t}") for t in texts), *(COLUMNS[t] for t in tasks)]
+    head += ["Mean"] if tasks else []
+    cell = lambda st, f: (
+        "—" if st is None else f(st["mean"]) if st["sd"] is None else f"{f(st['mean'])} ± {f(st['sd'])}"
+    )
     ppl, pct = (lambda v: f"{v:.2f}"), (lambda v: f"{100 * v:.2f}")
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in summary:
@@ -950,9 +1021,16 @@ def format_rows(summary):
         sparsity = "0%" if not c else f"{c['nm'][0]}:{c['nm'][1]}" if c["nm"] else f"{100 * c['sparsity']:g}%"
         sparsity += " + dense delta" if c and not c["masked"] else ""
         name = LABELS[r["name"]].format({"wanda": "Wanda", "sparsegpt": "SparseGPT"}.get(r["pruner"], r["pruner"]))
-        cells = [name, sparsity, *(cell(r["ppl"][t], ppl) for t in texts), *(cell(r["acc"].get(t), pct) for t in tasks)]
-        lines.append("| " + " | ".join(cells + ([cell(r["mean_acc"], pct)] if tasks else [])) + " |")
+        cells = [name, sparsity, *(cell(r["ppl"][t], ppl) for t in texts)]
+        cells += [cell(r["acc"].get(t), pct) for t in tasks] + ([cell(r["mean_acc"], pct)] if tasks else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def saved_table(path):
+    """The table a comparison printed, from its saved compare.json (--table)."""
+    with open(path, encoding="utf-8") as f:
+        return format_rows(summarize(json.load(f)["rows"]))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -984,54 +1062,69 @@ def parse_nm(pattern):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
+    dflt = lambda k: f"default {PAPER[k]}; demo {DEMO[k]}"
+    cmp = "with --compare: "
     a("--model", help="Hub id, local folder or .gguf file (default: the offline SmolLM2-135M demo)")
-    a("--sparsity", type=float, help=f"target sparsity S in [0, 1) (default {PAPER['sparsity']}; demo {DEMO['sparsity']})")
-    a("--pruner", default="wanda", help="wanda or sparsegpt; with --compare also both, comma-separated (wanda,sparsegpt)")
+    a("--sparsity", type=float, help=f"target sparsity S in [0, 1) ({dflt('sparsity')})")
+    a("--pruner", default="wanda", help="wanda or sparsegpt; with --compare also both, comma-separated "
+      "(wanda,sparsegpt)")
     a("--pattern", default="unstructured", help="unstructured, or N:M (2:4 keeps 2 of every 4 inputs)")
     a("--steps", type=int, default=5, help="T, steps of prune + fine-tune")
-    a("--calib", help="c4 (default), pydoc (Python's docs, offline), or a .txt (one token stream) / .jsonl with 'text' (documents)")
-    a("--nsamples", type=int, help=f"calibration sequences (default {PAPER['nsamples']}; demo {DEMO['nsamples']})")
-    a("--seqlen", type=int, help=f"calibration tokens per sequence (default {PAPER['seqlen']}; demo {DEMO['seqlen']})")
-    a("--window-bos", action="store_true", help="start every calibration window and the --compare perplexity windows with BOS "
-      "(BOS + seqlen-1 text tokens): for models trained with BOS at the start of every sequence, such as Gemma; "
-      "off: windows cut from one token stream, the Wanda/SparseGPT protocol. Fine-tuning examples keep the tokenizer's own BOS")
+    a("--calib", help="c4 (default), pydoc (Python's docs, offline), or a .txt (one token stream) / "
+      ".jsonl with 'text' (documents)")
+    a("--nsamples", type=int, help=f"calibration sequences ({dflt('nsamples')})")
+    a("--seqlen", type=int, help=f"calibration tokens per sequence ({dflt('seqlen')})")
+    a("--window-bos", action="store_true", help="start every calibration window and the --compare perplexity "
+      "windows with BOS (BOS + seqlen-1 text tokens): for models trained with BOS at the start of every sequence, "
+      "such as Gemma; off: windows cut from one token stream, the Wanda/SparseGPT protocol. Fine-tuning examples "
+      "keep the tokenizer's own BOS")
     a("--train", help="alpaca-gpt4 (default), pydoc, or a .jsonl/.json with 'text' or Alpaca fields")
-    a("--train-samples", type=int, help=f"fine-tuning examples over all steps (default {PAPER['train_samples']}; demo {DEMO['train_samples']})")
+    a("--train-samples", type=int, help=f"fine-tuning examples over all steps ({dflt('train_samples')})")
     a("--batch-size", type=int, help="examples per micro-batch (default 4)")
-    a("--grad-accum", type=int, help="micro-batches per update (default 2; demo 1)")
-    a("--max-len", type=int, help=f"tokens per fine-tuning example (default {PAPER['max_len']}; demo {DEMO['max_len']})")
+    a("--grad-accum", type=int, help=f"micro-batches per update ({dflt('grad_accum')})")
+    a("--max-len", type=int, help=f"tokens per fine-tuning example ({dflt('max_len')})")
     a("--lr", type=float, help="peak learning rate (default 2e-4; demo 1e-3)")
     a("--mean-rank", type=int, default=6, help="Omega_1, the mean LoRA rank of step 1 (+1 per step)")
     a("--r-max", type=int, default=16)
     a("--lora-dropout", type=float, default=0.1)
     a("--shares", help="fraction of the fine-tuning examples per step, comma-separated (T of them, summing to 1), "
-      "or 'even' (default: the released code's, 60%% at the last step and 40%% evenly over the others: T = 5 gives 0.1,0.1,0.1,0.1,0.6)")
+      "or 'even' (default: the released code's, 60%% at the last step and 40%% evenly over the others: "
+      "T = 5 gives 0.1,0.1,0.1,0.1,0.6)")
     a("--no-rmi", action="store_true", help="uniform layer sparsity S_t")
     a("--no-rank-alloc", action="store_true", help="uniform rank Omega_t")
+    a("--rank-rule", default="accumulated", choices=RANK_RULES, help="the error ranks follow: accumulated E_l "
+      "(the paper's), local (each block's own pruning error), increment (max(E_l - E_{l-1}, 0)), released-cap "
+      f"(the paper's, capped at {RELEASED_RANK} as the released code is), shuffled (the paper's values, blocks in "
+      "a seeded random order)")
     a("--no-finetune", action="store_true", help="prune only (--steps 1 --no-rmi: one-shot Wanda/SparseGPT)")
     a("--grad-checkpoint", action="store_true", help="checkpoint decoder blocks while fine-tuning")
-    a("--compare", action="store_true", help="score dense, one-shot, w. LoRA and w. LoSA rows on the same data into OUT/compare.json (the demo does)")
-    a("--ablation", action="store_true", help="with --compare: also the paper's w. LoRA (unmasked LoRA, scored unmerged: "
+    a("--compare", action="store_true", help="score dense, one-shot, w. LoRA and w. LoSA rows on the same data "
+      "into OUT/compare.json (the demo does)")
+    a("--ablation", action="store_true", help=cmp + "also the paper's w. LoRA (unmasked LoRA, scored unmerged: "
       "a dense delta on the sparse model) and LoSA without RMI, without rank allocation, and without both")
-    a("--lora-dense", action="store_true", help="with --compare: the paper's w. LoRA row alone (--ablation includes it)")
-    a("--rows", help=f"with --compare: only these rows, comma-separated ({', '.join(ROWS)}); dense is always scored, and "
-      "lora and lora_dense bring losa, whose ranks they use")
-    a("--seeds", help="with --compare: every row for each of these seeds, comma-separated (e.g. 0,1,2); the table shows mean ± sd")
-    a("--ppl-text", action="append", default=[], metavar="TXT", help="with --compare: also score the perplexity of this "
+    a("--lora-dense", action="store_true", help=cmp + "the paper's w. LoRA row alone (--ablation includes it)")
+    a("--rows", help=cmp + f"only these rows, comma-separated ({', '.join(ROWS)}); dense is always scored, "
+      "and lora and lora_dense bring losa, whose ranks they use")
+    a("--seeds", help=cmp + "every row for each of these seeds, comma-separated (e.g. 0,1,2); the table shows "
+      "mean ± sd")
+    a("--ppl-text", action="append", default=[], metavar="TXT", help=cmp + "also score the perplexity of this "
       "text file (one token stream, as WikiText-2); repeatable")
-    a("--data-dir", help="with --compare: score on eval.py's files here (wikitext2.jsonl, <task>.jsonl) instead of the Hub")
-    a("--tasks", help="with --compare: wikitext2 and zero-shot tasks, comma-separated (default all eight; with --train pydoc and "
-      f"no --data-dir: the perplexity of the first {DEMO_TEXT_CHARS:,} characters of held-back pydoc text, in domain, and of "
-      "data/wikipedia.txt, out of domain)")
-    a("--limit", type=int, help="with --compare: first N documents of each zero-shot task")
-    a("--eval-seqlen", type=int, help="with --compare: perplexity window (default the model's max_position_embeddings; pydoc 512)")
-    a("--eval-batch-size", type=int, default=8, help="with --compare: sequences per scoring forward pass")
+    a("--data-dir", help=cmp + "score on eval.py's files here (wikitext2.jsonl, <task>.jsonl) instead of the Hub")
+    a("--tasks", help=cmp + "wikitext2 and zero-shot tasks, comma-separated (default all eight; with --train "
+      f"pydoc and no --data-dir: the perplexity of the first {DEMO_TEXT_CHARS:,} characters of held-back pydoc "
+      "text, in domain, and of data/wikipedia.txt, out of domain)")
+    a("--limit", type=int, help=cmp + "first N documents of each zero-shot task")
+    a("--eval-seqlen", type=int, help=cmp + "perplexity window (default the model's max_position_embeddings; "
+      "pydoc 512)")
+    a("--eval-batch-size", type=int, default=8, help=cmp + "sequences per scoring forward pass")
     a("--out", help="output folder (default out/<model>-<pruner>-<S or N:M>)")
     a("--overwrite", action="store_true")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto: bfloat16 on GPU, float32 on CPU")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+      help="auto: bfloat16 on GPU, float32 on CPU")
     a("--plot", metavar="REPORT", help="only redraw the figure of a saved losa_report.json, as a .png beside it")
+    a("--table", metavar="COMPARE", help="only print the table of a saved compare.json, as the run printed it")
     return p
 
 
@@ -1044,9 +1137,11 @@ def validate(args):
     args.nm = parse_nm(args.pattern)
     args.pruners = args.pruner.split(",")
     if any(p not in PRUNERS for p in args.pruners) or len(set(args.pruners)) < len(args.pruners):
-        raise ValueError(f"--pruner must be wanda, sparsegpt, or with --compare both (wanda,sparsegpt), got {args.pruner!r}")
-    args.compare = args.compare or (demo and not (args.no_rmi or args.no_rank_alloc or args.no_finetune))  # those: one row
-    validate_compare(args)
+        raise ValueError(f"--pruner must be wanda, sparsegpt, or with --compare both (wanda,sparsegpt), "
+                         f"got {args.pruner!r}")
+    one_row = args.no_rmi or args.no_rank_alloc or args.no_finetune  # flags of a single run
+    args.compare = args.compare or (demo and not one_row)
+    validate_compare(args, one_row)
     if not 0 <= args.sparsity < 1:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.steps < 1:
@@ -1060,36 +1155,42 @@ def validate(args):
     if not args.no_rmi and args.nsamples < 2:
         raise ValueError("RMI needs at least 2 calibration sequences (--nsamples), or pass --no-rmi")
     if not 1 <= args.mean_rank or args.mean_rank + args.steps - 1 > args.r_max:
-        raise ValueError(f"ranks cannot hold: need 1 <= --mean-rank and --mean-rank + steps - 1 <= --r-max ({args.mean_rank} + {args.steps - 1} > {args.r_max})")
+        raise ValueError(f"ranks cannot hold: need 1 <= --mean-rank and --mean-rank + steps - 1 <= --r-max "
+                         f"({args.mean_rank} + {args.steps - 1} > {args.r_max})")
     if not 0 <= args.lora_dropout < 1:
         raise ValueError("--lora-dropout must be in [0, 1)")
-    for flag, path in (("--calib", args.calib), ("--train", args.train)):
+    for flag, path, kinds in (("--calib", args.calib, (".txt", ".jsonl", ".json")),
+                              ("--train", args.train, (".jsonl", ".json"))):
         if path not in ("c4", "alpaca-gpt4", "pydoc"):
             if not os.path.isfile(path):
                 raise ValueError(f"{flag}: no such file: {path}")
-            if not path.endswith((".jsonl", ".json") if flag == "--train" else (".txt", ".jsonl", ".json")):
-                raise ValueError(f"{flag}: unsupported file type (want .jsonl/.json{'' if flag == '--train' else '/.txt'}): {path}")
+            if not path.endswith(kinds):
+                raise ValueError(f"{flag}: unsupported file type (want {'/'.join(kinds)}): {path}")
     name = os.path.basename(os.path.normpath(args.model or "smollm2-135m")).removesuffix(".gguf")
-    args.out = args.out or os.path.join("out", f"{name}-{args.pruner.replace(',', '+')}-{args.pattern if args.nm else args.sparsity}")
+    target = args.pattern if args.nm else args.sparsity
+    args.out = args.out or os.path.join("out", f"{name}-{args.pruner.replace(',', '+')}-{target}")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
     return args
 
 
-def validate_compare(args):
+def validate_compare(args, one_row):
     """The checks of --compare and of the flags that only it reads."""
     from eval import TASKS
 
-    alone = [f for f, v in (("--ablation", args.ablation), ("--data-dir", args.data_dir), ("--tasks", args.tasks), ("--limit", args.limit),
-                            ("--eval-seqlen", args.eval_seqlen), ("--seeds", args.seeds), ("--lora-dense", args.lora_dense), ("--ppl-text", args.ppl_text), ("--rows", args.rows),
-                            ("several pruners", len(args.pruners) > 1)) if v]
+    only = dict(ablation=args.ablation, data_dir=args.data_dir, tasks=args.tasks, limit=args.limit,
+                eval_seqlen=args.eval_seqlen, seeds=args.seeds, lora_dense=args.lora_dense,
+                ppl_text=args.ppl_text, rows=args.rows)
+    alone = [f"--{k.replace('_', '-')}" for k, v in only.items() if v] + ["several pruners"] * (len(args.pruners) > 1)
     if alone and not args.compare:
         raise ValueError(f"{alone[0]} needs --compare")
-    if args.compare and (args.no_rmi or args.no_rank_alloc or args.no_finetune):
-        raise ValueError("--compare sets RMI, rank allocation and fine-tuning row by row: drop --no-rmi, --no-rank-alloc, --no-finetune")
+    if args.compare and one_row:
+        raise ValueError("--compare sets RMI, rank allocation and fine-tuning row by row: "
+                         "drop --no-rmi, --no-rank-alloc, --no-finetune")
     args.rows = parse_rows(args)
     if args.tasks and args.train == "pydoc" and args.data_dir is None:
-        raise ValueError("--tasks needs --data-dir or a --train other than pydoc: with pydoc, the held-back pydoc text is scored")
+        raise ValueError("--tasks needs --data-dir or a --train other than pydoc: "
+                         "with pydoc, the held-back pydoc text is scored")
     args.tasks = [t.strip() for t in (args.tasks or ",".join(["wikitext2", *TASKS])).split(",") if t.strip()]
     for t in args.tasks:
         if t != "wikitext2" and t not in TASKS:
@@ -1105,16 +1206,17 @@ def validate_compare(args):
         raise ValueError(f"--seeds must be comma-separated integers such as 0,1,2, got {args.seeds!r}") from None
     if len(set(args.seeds)) < len(args.seeds):
         raise ValueError(f"--seeds: a seed is given twice: {args.seeds}")
-    for k in ("limit", "eval_seqlen", "eval_batch_size"):
-        if getattr(args, k) is not None and getattr(args, k) < (2 if k == "eval_seqlen" else 1):
-            raise ValueError(f"--{k.replace('_', '-')} must be at least {2 if k == 'eval_seqlen' else 1}")
+    for k, low in (("limit", 1), ("eval_seqlen", 2), ("eval_batch_size", 1)):
+        if getattr(args, k) is not None and getattr(args, k) < low:
+            raise ValueError(f"--{k.replace('_', '-')} must be at least {low}")
 
 
 def parse_rows(args):
     """The comparison's rows: --rows (plus losa where a LoRA row needs its ranks), else the default four, with
     the paper's w. LoRA (--lora-dense) or the whole ablation (--ablation)."""
     if args.rows is None:
-        return ["oneshot", "lora", "losa", *(ABLATION if args.ablation else ["lora_dense"] if args.lora_dense else [])]
+        extra = ABLATION if args.ablation else ["lora_dense"] if args.lora_dense else []
+        return ["oneshot", "lora", "losa", *extra]
     if args.ablation or args.lora_dense:
         raise ValueError("--rows names the rows itself: drop --ablation and --lora-dense")
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
@@ -1132,17 +1234,24 @@ def parse_shares(text, T):
     try:
         shares = tuple(float(Fraction(v)) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"--shares must be 'even' or comma-separated fractions such as 0.1,0.1,0.1,0.1,0.6, got {text!r}") from None
+        raise ValueError("--shares must be 'even' or comma-separated fractions such as 0.1,0.1,0.1,0.1,0.6, "
+                         f"got {text!r}") from None
     if len(shares) != T or min(shares) < 0 or abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"--shares needs {T} fractions (one per step), none negative, summing to 1; got {text!r}")
     return shares
 
 
 def settings_from(args):
-    return Settings(sparsity=args.sparsity, steps=args.steps, pruner=args.pruners[0], nm=args.nm, rmi=not args.no_rmi,
-                    rank_alloc=not args.no_rank_alloc, finetune=not args.no_finetune, shares=args.shares, mean_rank=args.mean_rank,
-                    r_max=args.r_max, lora_dropout=args.lora_dropout, rmi_samples=min(64, args.nsamples),
-                    batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, seed=args.seeds[0])
+    return Settings(sparsity=args.sparsity, steps=args.steps, pruner=args.pruners[0], nm=args.nm,
+                    rmi=not args.no_rmi, rank_alloc=not args.no_rank_alloc, rank_rule=args.rank_rule,
+                    finetune=not args.no_finetune, shares=args.shares, mean_rank=args.mean_rank, r_max=args.r_max,
+                    lora_dropout=args.lora_dropout, rmi_samples=min(64, args.nsamples), batch_size=args.batch_size,
+                    grad_accum=args.grad_accum, lr=args.lr, seed=args.seeds[0])
+
+
+def first_line(e):
+    """An exception as the one line a user reads."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def fail(msg, code=2):
@@ -1161,7 +1270,8 @@ def load_data(args, tokenizer):
     return docs, tokenize_examples(texts, tokenizer, args.max_len)
 
 
-WIKIPEDIA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wikipedia.txt")  # CC BY-SA 4.0, see data/README.md
+HERE = os.path.dirname(os.path.abspath(__file__))
+WIKIPEDIA = os.path.join(HERE, "data", "wikipedia.txt")  # CC BY-SA 4.0, see data/README.md
 DEMO_TEXT_CHARS = 12_000  # the demo scores this much of each text: 5 windows of 512 SmolLM2 tokens each
 
 
@@ -1191,7 +1301,7 @@ def machine(device, dtype):
     else:
         try:
             with open("/proc/cpuinfo") as f:
-                name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+                name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             name = platform.processor() or platform.machine()
     return dict(torch=torch.__version__, transformers=transformers.__version__, datasets=datasets.__version__,
@@ -1199,13 +1309,15 @@ def machine(device, dtype):
 
 
 def check_model(model, nm):
-    """ValueError for a model LoSA cannot prune: no decoder blocks, a block's matrix outside nn.Linear, N:M not dividing."""
+    """ValueError for a model LoSA cannot prune: no decoder blocks, a block's matrix outside nn.Linear, N:M not
+    dividing."""
     layers = decoder_layers(model)
     for l, block in enumerate(layers):
         other = sorted({type(m).__name__ for m in block.modules()
                         if not isinstance(m, nn.Linear) and any(p.dim() > 1 for p in m.parameters(recurse=False))})
         if other:
-            raise ValueError(f"block {l} holds {', '.join(other)} layers, not nn.Linear: LoSA prunes nn.Linear projections only")
+            raise ValueError(f"block {l} holds {', '.join(other)} layers, not nn.Linear: "
+                             "LoSA prunes nn.Linear projections only")
         if not projections(block):
             raise ValueError(f"block {l} has no nn.Linear projections to prune")
     if nm is not None:
@@ -1214,10 +1326,23 @@ def check_model(model, nm):
                 raise ValueError(f"N:M with M = {nm[1]} does not divide the {lin.in_features} inputs of {name}")
 
 
-def save(model, tokenizer, report, out):
-    """save_pretrained into a temporary folder, renamed to `out` only once everything is written."""
+@contextmanager
+def staged(out):
+    """A temporary folder beside `out`, renamed to `out` only once the block completes; removed otherwise."""
     tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
     try:
+        os.makedirs(tmp)
+        yield tmp
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(model, tokenizer, report, out):
+    """save_pretrained, the report and its figure into `out`, written atomically (staged)."""
+    with staged(out) as tmp:
         getattr(model.config, "__dict__", {}).pop("quantization_config", None)  # a .gguf source is now plain float
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -1227,11 +1352,6 @@ def save(model, tokenizer, report, out):
             plot_report(report, os.path.join(tmp, "losa_report.png"))
         except ImportError:
             print("figure skipped: matplotlib is not installed (optional, only for losa_report.png)")
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_report(model, path, cfg, data, env, steps, seconds):
@@ -1245,25 +1365,21 @@ def run_comparison(model, tokenizer, runs, args, score, report, meta):
     model with its report (one folder per pruner when there are several) and compare.json: `meta`, every
     seed's rows and their summary (mean and sd per row and score). `runs`: (calibration windows, plan,
     settings) per seed."""
-    stage = f"{os.path.normpath(args.out)}.tmp-{os.getpid()}"
-    where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
-    keep = lambda row: save(model, tokenizer, report(replace(runs[0][2], pruner=row["pruner"]), row["steps"], row["seconds"]), where(row["pruner"]))
-    try:
-        os.makedirs(stage)
+    with staged(args.out) as stage:
+        where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
+        keep = lambda row: save(model, tokenizer, report(replace(runs[0][2], pruner=row["pruner"]), row["steps"],
+                                                         row["seconds"]), where(row["pruner"]))
         dense, rows = dense_weights(model), []  # the original projections: restore_ needs no other copy of the model
         for i, (calib_ids, plan, cfg) in enumerate(runs):
             tag = f"seed {cfg.seed} ({i + 1} of {len(runs)}), " if len(runs) > 1 else ""
-            rows += compare(model, calib_ids, plan, cfg, args.pruners, args.rows, score, dense, keep if i == 0 else None, tag)
+            first = keep if i == 0 else None
+            rows += compare(model, calib_ids, plan, cfg, args.pruners, args.rows, score, dense, first, tag)
         summary = summarize(rows)
         meta = dict(meta)
         seconds = round(time.time() - meta.pop("started"), 1)  # wall time from the start of main()
         with open(os.path.join(stage, "compare.json"), "w") as f:
-            json.dump(dict(**meta, seconds=seconds, seeds=[cfg.seed for _, _, cfg in runs], rows=rows, summary=summary), f, indent=1)
-        if os.path.exists(args.out):
-            shutil.rmtree(args.out)
-        os.replace(stage, args.out)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            seeds = [cfg.seed for _, _, cfg in runs]
+            json.dump(dict(**meta, seconds=seconds, seeds=seeds, rows=rows, summary=summary), f, indent=1)
     return summary
 
 
@@ -1280,6 +1396,14 @@ def redraw(report_path):
     print(f"figure written to {png}")
 
 
+def print_table(path):
+    """--table: the table of a saved compare.json."""
+    try:
+        print(saved_table(path))
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        fail(f"--table: cannot read {path}: {type(e).__name__}: {e}")
+
+
 def command(argv):
     """The command line that made a report, as one would type it again."""
     import shlex
@@ -1287,70 +1411,92 @@ def command(argv):
     return shlex.join(["python", "losa.py", *(sys.argv[1:] if argv is None else argv)])
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.plot is not None:
-        return redraw(args.plot)
-    try:
-        validate(args)
-    except ValueError as e:
-        fail(e)
+def load(args, path, dtype):
+    """The model and tokenizer, checked; exits with one line where they cannot be used."""
     from eval import load_model
 
-    tic, pydoc = time.time(), args.train == "pydoc" and args.data_dir is None
-    path = smollm2_gguf() if args.model is None else args.model
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
-    cfg = settings_from(args)
-    print(f"LoSA: {path} -> {args.out}\n  {args.pruner}, {args.pattern if args.nm else f'sparsity {args.sparsity}'}, "
-          f"T={args.steps}, calibration {args.nsamples} x {args.seqlen} tokens of {args.calib}, fine-tuning "
-          f"{args.train_samples} examples of {args.train} (<= {args.max_len} tokens, per-step shares "
-          f"{','.join(f'{f:.3g}' for f in args.shares)}), {args.device} {dtype}")
-    try:  # the scoring data first: a bad file should not cost a model load
-        texts, docs = load_eval_data(args) if args.compare else ({}, {})
-    except Exception as e:
-        fail(f"cannot load data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     try:
         model, tokenizer = load_model(path, args.device, dtype)
         check_model(model, args.nm)
         if args.window_bos and tokenizer.bos_token_id is None:
             raise ValueError("--window-bos: the tokenizer has no BOS token")
     except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        fail(msg if msg.startswith("cannot load model") else f"cannot use model {path}: {msg}")  # eval.py's message names it
+        msg = first_line(e)
+        fail(msg if msg.startswith("cannot load model") else f"cannot use model {path}: {msg}")  # eval.py names it
+    return model, tokenizer
+
+
+def seed_runs(args, cfg, tokenizer):
+    """Per seed: (calibration windows, fine-tuning updates, settings), and the number of examples."""
+    bos = tokenizer.bos_token_id if args.window_bos else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    docs, examples = load_data(args, tokenizer)
+    runs = []
+    for seed in args.seeds:
+        calib_ids = sample_windows(docs, tokenizer, args.nsamples, args.seqlen, seed, bos)
+        plan = update_plan(examples, cfg.shares, cfg.batch_size, cfg.grad_accum, pad_id, seed)
+        runs.append((calib_ids, plan, replace(cfg, seed=seed)))
+    return runs, len(examples)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.plot is not None:
+        return redraw(args.plot)
+    if args.table is not None:
+        return print_table(args.table)
+    try:
+        validate(args)
+    except ValueError as e:
+        fail(e)
+    tic, pydoc = time.time(), args.train == "pydoc" and args.data_dir is None
+    path = smollm2_gguf() if args.model is None else args.model
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
+    cfg = settings_from(args)
+    target = args.pattern if args.nm else f"sparsity {args.sparsity}"
+    print(f"LoSA: {path} -> {args.out}\n  {args.pruner}, {target}, T={args.steps}, calibration {args.nsamples} x "
+          f"{args.seqlen} tokens of {args.calib}, fine-tuning {args.train_samples} examples of {args.train} "
+          f"(<= {args.max_len} tokens, per-step shares {','.join(f'{f:.3g}' for f in args.shares)}), "
+          f"{args.device} {dtype}")
+    try:  # the scoring data first: a bad file should not cost a model load
+        texts, docs = load_eval_data(args) if args.compare else ({}, {})
+    except Exception as e:
+        fail(f"cannot load data: {first_line(e)}")
+    model, tokenizer = load(args, path, dtype)
     seqlen = args.eval_seqlen or (512 if pydoc else min(model.config.max_position_embeddings, 4096))  # as eval.py
     bos = tokenizer.bos_token_id if args.window_bos else None
     try:
-        docs_calib, examples = load_data(args, tokenizer)
-        runs = [(sample_windows(docs_calib, tokenizer, args.nsamples, args.seqlen, seed, bos), seed) for seed in args.seeds]
+        runs, n_examples = seed_runs(args, cfg, tokenizer)
         score = scorer(model, tokenizer, texts, docs, seqlen, args.eval_batch_size, bos)
     except Exception as e:
-        fail(f"cannot load data: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        fail(f"cannot load data: {first_line(e)}")
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    runs = [(calib_ids, update_plan(examples, cfg.shares, cfg.batch_size, cfg.grad_accum, pad_id, seed), replace(cfg, seed=seed))
-            for calib_ids, seed in runs]  # per seed: calibration windows, fine-tuning updates, settings
-    data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, window_bos=args.window_bos, train=args.train,
-                train_examples=len(examples), max_len=args.max_len)
+    data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, window_bos=args.window_bos,
+                train=args.train, train_examples=n_examples, max_len=args.max_len)
     env = machine(args.device, dtype)
     report = lambda c, steps, seconds: run_report(model, path, c, data, env, steps, seconds)
     try:
         if not args.compare:
             calib_ids, plan, _ = runs[0]
             save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
-            print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
+            print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, "
+                  f"total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
             return
-        source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else args.data_dir or "the Hub"
-        scoring = dict(source=source, texts=list(texts), tasks=[] if pydoc else args.tasks, seqlen=seqlen, limit=args.limit,
+        source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else None
+        scoring = dict(source=source or args.data_dir or "the Hub", texts=list(texts),
+                       tasks=[] if pydoc else args.tasks, seqlen=seqlen, limit=args.limit,
                        batch_size=args.eval_batch_size)
-        summary = run_comparison(model, tokenizer, runs, args, score, report, dict(model=path, data=data, scoring=scoring, machine=env, command=command(argv), started=tic))
+        meta = dict(model=path, data=data, scoring=scoring, machine=env, command=command(argv), started=tic)
+        summary = run_comparison(model, tokenizer, runs, args, score, report, meta)
     except NonFiniteLoss as e:
         fail(f"{e}; nothing written", code=1)
     except IllConditionedHessian as e:
         fail(f"{e}; nothing written")
     seeds = f"; mean ± sample sd over seeds {','.join(map(str, args.seeds))}" if len(args.seeds) > 1 else ""
+    saved = f"{'LoSA model and ' if 'losa' in args.rows else ''}compare.json saved to {args.out}"
     print(f"\n{format_rows(summary)}\n\nscored on {scoring['source']}, perplexity windows of {seqlen} tokens{seeds}; "
-          f"total {(time.time() - tic) / 60:.1f} min; {'LoSA model and ' if 'losa' in args.rows else ''}compare.json saved to {args.out}")
+          f"total {(time.time() - tic) / 60:.1f} min; {saved}")
 
 
 if __name__ == "__main__":
