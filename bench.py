@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-width", type=int, default=128, help="memory test: width (small, so buffers dominate noise)")
     p.add_argument("--peak-depths", default="4,16")
     p.add_argument("--peak-nsamples", type=int, default=32)
-    p.add_argument("--grad-checkpoint", action="store_true", help="also time (a), (b) with model gradient checkpointing")
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="also time (a), (b) with model gradient checkpointing")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--inference", nargs="?", const="", metavar="MODEL",
@@ -79,9 +80,9 @@ def sync():
 def build(width, layers, seqlen, seed=0):
     """A random Llama, every projection 50 % sparse at random (so the masks are real)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=width, intermediate_size=round(width * 11008 / 4096 / 8) * 8, num_hidden_layers=layers,
-                      num_attention_heads=width // 64, num_key_value_heads=width // 64, vocab_size=1024,
-                      max_position_embeddings=max(seqlen, 256))
+    cfg = LlamaConfig(hidden_size=width, intermediate_size=round(width * 11008 / 4096 / 8) * 8,
+                      num_hidden_layers=layers, num_attention_heads=width // 64, num_key_value_heads=width // 64,
+                      vocab_size=1024, max_position_embeddings=max(seqlen, 256))
     model = LlamaForCausalLM(cfg).to(dev, dtype)
     with torch.no_grad():
         for block in losa.decoder_layers(model):
@@ -180,7 +181,8 @@ def peak_child(L):
     ids = torch.randint(1024, (N, T), generator=torch.Generator().manual_seed(0)).to(dev)
     x0, kwargs = losa.capture_block_inputs(model, ids)
     buf = x0.numel() * x0.element_size()
-    weights = sum(lin.weight.numel() * lin.weight.element_size() for b in losa.decoder_layers(model) for lin in losa.projections(b).values())
+    weights = sum(lin.weight.numel() * lin.weight.element_size()
+                  for b in losa.decoder_layers(model) for lin in losa.projections(b).values())
     if cuda:
         sync(), torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -194,7 +196,8 @@ def peak_child(L):
     sync()
     peak = torch.cuda.max_memory_allocated() if cuda else status_kb("VmHWM") * 1024
     host_copy = 0 if cuda else weights  # on CUDA the copy lives on the host, outside the measured peak
-    print(json.dumps(dict(L=L, extra_buffers=(peak - base - host_copy) / buf, buffer_mb=buf / 2**20, weights_mb=weights / 2**20)))
+    print(json.dumps(dict(L=L, extra_buffers=(peak - base - host_copy) / buf, buffer_mb=buf / 2**20,
+                          weights_mb=weights / 2**20)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,7 +211,8 @@ KERNELS = {"linear": "F.linear", "mm": "sparse.mm"}
 def to_csr32(W):
     """Dense W -> CSR holding exactly W's non-zeros, with 32-bit row pointers and column indices."""
     c = W.to_sparse_csr()
-    return torch.sparse_csr_tensor(c.crow_indices().int(), c.col_indices().int(), c.values(), c.shape, check_invariants=True)
+    return torch.sparse_csr_tensor(c.crow_indices().int(), c.col_indices().int(), c.values(), c.shape,
+                                   check_invariants=True)
 
 
 def is_2_4(W):
@@ -301,7 +305,8 @@ def matvec_sweep(notes, inner=10):
     """Mat-vec (1 x in) at LLaMA-2-7B shapes: dense against each kernel at each sparsity; printed."""
     print(f"\nmat-vec 1 x in -> out at LLaMA-2-7B shapes, {args.dtype}: ms (speedup = dense time / sparse time; "
           f"{'2:4 semi-structured' if cuda else 'CSR'} for 2:4)")
-    print(f"{'out x in':<12}{'dense':>7}  {'kernel':<10}" + "".join(f"{s:>16}" for s in [f"{100 * s:.0f} %" for s in SWEEP] + ["2:4"])
+    print(f"{'out x in':<12}{'dense':>7}  {'kernel':<10}"
+          + "".join(f"{s:>16}" for s in [f"{100 * s:.0f} %" for s in SWEEP] + ["2:4"])
           + f"{'crossover':>12}")
     for o, i, _ in LLAMA7B.values():
         print(f"{o}x{i}: building ...", file=sys.stderr, flush=True)
@@ -309,26 +314,32 @@ def matvec_sweep(notes, inner=10):
         W = torch.randn(o, i, device=dev, dtype=dtype, generator=g)
         x = torch.randn(1, i, device=dev, dtype=dtype, generator=g)
         order = W.abs().argsort(1)
-        weights = {s: attempt(lambda: sparse_weight(prune_rows(W, s, order)), notes, f"{o}x{i} at {s}") for s in SWEEP + ("2:4",)}
+        weights = {s: attempt(lambda: sparse_weight(prune_rows(W, s, order)), notes, f"{o}x{i} at {s}")
+                   for s in SWEEP + ("2:4",)}
         weights = {s: Ws for s, Ws in weights.items() if Ws is not None}
-        del order
+        order = None  # release it (rebound, not del: the lambdas above read it)
         fns = {"dense": lambda: F.linear(x, W)}
-        fns.update({(s, k): (lambda Ws=Ws, k=k: sparse_linear(x, Ws, None, k)) for s, Ws in weights.items() for k in KERNELS})
+        fns.update({(s, k): (lambda Ws=Ws, k=k: sparse_linear(x, Ws, None, k))
+                    for s, Ws in weights.items() for k in KERNELS})
         fns = runnable(fns, notes)
-        t = round_robin({k: (lambda fn=fn: [fn() for _ in range(inner)]) for k, fn in fns.items()}, max(args.repeats, 5))
+        t = round_robin({k: (lambda fn=fn: [fn() for _ in range(inner)]) for k, fn in fns.items()},
+                        max(args.repeats, 5))
         for k, kname in KERNELS.items():
-            cells = [f"{1e3 * t[s, k] / inner:.2f} ({t['dense'] / t[s, k]:.2f}x)" if (s, k) in t else "-" for s in SWEEP + ("2:4",)]
+            cells = [f"{1e3 * t[s, k] / inner:.2f} ({t['dense'] / t[s, k]:.2f}x)" if (s, k) in t else "-"
+                     for s in SWEEP + ("2:4",)]
             points = [(s, t["dense"] / t[s, k]) for s in SWEEP if (s, k) in t]
             print(f"{f'{o}x{i}':<12}{1e3 * t['dense'] / inner:>7.2f}  {kname:<10}" + "".join(f"{c:>16}" for c in cells)
                   + f"{crossover(points) if points else '-':>12}")
-        del W, weights, fns
+        W = weights = fns = None  # release them (rebound, not del: the lambdas above read them)
 
 
 def memory_table():
     """Bytes of each format per projection and for the seven projections of LLaMA-2-7B's 32 blocks, fp16."""
     print("\nmemory of the projection weights, float16, from the tensors built (CSR: values + 32-bit column indices "
           "+ row pointers; 2:4: kept values + metadata in torch's CUTLASS layout)")
-    print(f"{'format':<16}" + "".join(f"{f'{o}x{i} MiB':>17}" for o, i, _ in LLAMA7B.values()) + f"{'7B, 32 blocks GB':>19}{'/ dense':>9}")
+    print(f"{'format':<16}"
+          + "".join(f"{f'{o}x{i} MiB':>17}" for o, i, _ in LLAMA7B.values())
+          + f"{'7B, 32 blocks GB':>19}{'/ dense':>9}")
     sizes = {}
     for o, i, n in LLAMA7B.values():
         W = torch.randn(o, i, generator=torch.Generator().manual_seed(0)).half()
@@ -339,7 +350,9 @@ def memory_table():
         sizes.setdefault("2:4 compressed", []).append((compressed_24_bytes(prune_rows(W, "2:4", order)), n))
     total = {f: 32 * sum(b * n for b, n in v) for f, v in sizes.items()}
     for f, v in sizes.items():
-        print(f"{f:<16}" + "".join(f"{b / 2**20:>17.1f}" for b, _ in v) + f"{total[f] / 1e9:>19.2f}{total[f] / total['dense']:>9.2f}")
+        print(f"{f:<16}"
+              + "".join(f"{b / 2**20:>17.1f}" for b, _ in v)
+              + f"{total[f] / 1e9:>19.2f}{total[f] / total['dense']:>9.2f}")
 
 
 def greedy_decoder(model, prompt, new_tokens):
@@ -358,7 +371,9 @@ def greedy_decoder(model, prompt, new_tokens):
 
 
 def projection_bytes(model):
-    return sum(nbytes(m.weight) for b in losa.decoder_layers(model) for m in b.modules() if isinstance(m, (nn.Linear, SparseLinear)))
+    return sum(nbytes(m.weight)
+               for b in losa.decoder_layers(model) for m in b.modules()
+               if isinstance(m, (nn.Linear, SparseLinear)))
 
 
 @torch.no_grad()
@@ -369,27 +384,31 @@ def model_decode_prefill(model, tokenizer, notes, prompt_len=128, new_tokens=128
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :prefill_len].to(dev)
     W = [lin.weight for b in losa.decoder_layers(model) for lin in losa.projections(b).values()]
     zeros = sum(int((w == 0).sum()) for w in W) / sum(w.numel() for w in W)
-    print(f"\nmodel {args.inference}: projections {100 * zeros:.1f} % zeros, {'2:4' if all(map(is_2_4, W)) else 'unstructured'}; "
+    print(f"\nmodel {args.inference}: projections {100 * zeros:.1f} % zeros, "
+          f"{'2:4' if all(map(is_2_4, W)) else 'unstructured'}; "
           f"decode: {new_tokens} greedy single-token steps with the KV cache after a {prompt_len}-token prompt; "
           f"prefill: 1 x {prefill_len} tokens")
     models = {"dense": model}
     for k, kname in KERNELS.items():
         print(f"sparse model ({kname}) ...", file=sys.stderr, flush=True)
         models[f"sparse, {kname}"] = attempt(lambda: sparse_model(model, k), notes, f"sparse model ({kname})")
-    models = {k: m for k, m in models.items() if m is not None and attempt(lambda: m(ids[:, :8]), notes, k) is not None}
+    models = {k: m for k, m in models.items()
+              if m is not None and attempt(lambda: m(ids[:, :8]), notes, k) is not None}
     logits = {k: m(ids, use_cache=False).logits for k, m in models.items()}
     decoders = {k: greedy_decoder(m, ids[:, :prompt_len], new_tokens) for k, m in models.items()}
     tokens = {k: d() for k, d in decoders.items()}
     print("decode ...", file=sys.stderr, flush=True)
     td = round_robin(decoders, args.repeats)
     print("prefill ...", file=sys.stderr, flush=True)
-    tp = round_robin({k: (lambda m=m: m(ids, use_cache=False, logits_to_keep=1)) for k, m in models.items()}, args.repeats)
+    tp = round_robin({k: (lambda m=m: m(ids, use_cache=False, logits_to_keep=1)) for k, m in models.items()},
+                     args.repeats)
     print(f"{'variant':<20}{'decode tok/s':>13}{'speedup':>9}{'prefill ms':>12}{'speedup':>9}{'projections MiB':>17}"
           f"{'same tokens':>13}{'max |dlogit| / max |logit|':>28}")
     for k, m in models.items():
         same = int((tokens[k] == tokens["dense"]).cumprod(1).sum())  # greedy tokens equal to dense, from the start
         err = (logits[k] - logits["dense"]).abs().max().item() / logits["dense"].abs().max().item()
-        print(f"{k:<20}{new_tokens / td[k]:>13.1f}{td['dense'] / td[k]:>8.2f}x{1e3 * tp[k]:>12.0f}{tp['dense'] / tp[k]:>8.2f}x"
+        print(f"{k:<20}{new_tokens / td[k]:>13.1f}{td['dense'] / td[k]:>8.2f}x"
+              f"{1e3 * tp[k]:>12.0f}{tp['dense'] / tp[k]:>8.2f}x"
               f"{projection_bytes(m) / 2**20:>17.1f}{f'{same}/{new_tokens}':>13}{err:>28.1e}")
 
 
@@ -405,7 +424,8 @@ def inference():
         except OSError as e:
             print(f"bench.py: error: {e}", file=sys.stderr)  # one line, exit code 2
             sys.exit(2)
-    print(f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, {args.dtype}, torch {torch.__version__}, "
+    print(f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, "
+          f"{args.dtype}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median of round-robin rounds after one warm-up round")
     notes = []
     if model is not None:
@@ -440,9 +460,12 @@ def main(argv=None):
 
     t_start = time.time()
     widths = [int(w) for w in args.width.split(",")]
-    print(f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.layers} blocks, r={R}, alpha={ALPHA:g}; step {args.batch}x{args.seqlen} tokens, "
-          f"calibration {args.nsamples}x{args.calib_seqlen}; median of {args.repeats} (step) / {args.prune_repeats} (pruning) round-robin rounds")
+    print(f"device {args.device}{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, "
+          f"{args.dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.layers} blocks, r={R}, alpha={ALPHA:g}; "
+          f"step {args.batch}x{args.seqlen} tokens, "
+          f"calibration {args.nsamples}x{args.calib_seqlen}; "
+          f"median of {args.repeats} (step) / {args.prune_repeats} (pruning) round-robin rounds")
     rows = {}  # metric -> {width: text}
     target = {}
 
@@ -481,9 +504,9 @@ def main(argv=None):
         fns["e"] = lambda: train_step(models["e"], ids, opt)
         print(f"w={w}: training step ...", file=sys.stderr, flush=True)
         t = round_robin(fns, args.repeats)
-        names = {"a": "(a) masked LoRA p=0, ms/step", "b": "(b) masked LoRA p=0.1, ms/step", "c": "(c) plain LoRA p=0, ms/step",
-                 "d": "(d) released way p=0.1, ms/step", "a+gc": "(a) + grad checkpointing, ms/step",
-                 "b+gc": "(b) + grad checkpointing, ms/step"}
+        names = {"a": "(a) masked LoRA p=0, ms/step", "b": "(b) masked LoRA p=0.1, ms/step",
+                 "c": "(c) plain LoRA p=0, ms/step", "d": "(d) released way p=0.1, ms/step",
+                 "a+gc": "(a) + grad checkpointing, ms/step", "b+gc": "(b) + grad checkpointing, ms/step"}
         for k in [k for k in names if k in t]:
             put(names[k], w, f"{1e3 * t[k]:.0f}")
         put("ratio (a)/(c)", w, f"{t['a'] / t['c']:.2f}", "<= 1.3")
@@ -496,11 +519,13 @@ def main(argv=None):
                 m0 = torch.cuda.memory_allocated()
                 train_step(models[k], ids)
                 torch.cuda.synchronize()
-                put(f"{names[k].split(',')[0]}, step peak GiB", w, f"{(torch.cuda.max_memory_allocated() - m0) / 2**30:.2f}")
-        del models, opt, fns
+                put(f"{names[k].split(',')[0]}, step peak GiB", w,
+                    f"{(torch.cuda.max_memory_allocated() - m0) / 2**30:.2f}")
+        models = opt = fns = None  # release them (rebound, not del: the lambdas above read them)
         # 2. pruning pass ----------------------------------------------------------------------------
         model = base.eval()
-        calib = torch.randint(1024, (args.nsamples, args.calib_seqlen), generator=torch.Generator().manual_seed(1)).to(dev)
+        calib = torch.randint(1024, (args.nsamples, args.calib_seqlen),
+                              generator=torch.Generator().manual_seed(1)).to(dev)
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         with torch.no_grad():
             x0, kwargs = losa.capture_block_inputs(model, calib)  # once per LoSA run: not timed
@@ -536,20 +561,26 @@ def main(argv=None):
         put("ratio wanda pass / batched forward", w, f"{t['wanda'] / t['fwdb']:.2f}")
         put("ratio wanda prune_blocks alone / forward", w, f"{(t['wanda'] - t['grams']) / t['fwd']:.2f}")
         put("ratio sparsegpt pass / forward", w, f"{t['sparsegpt'] / t['fwd']:.2f}")
-        del model, base, saved, x0, dense
+        model = base = saved = x0 = dense = None  # release them (rebound, not del: the closures above read them)
 
     # 3. memory of the pruning pass, one child process per depth -----------------------------------------
     if not args.no_memory:
         for L in (int(d) for d in args.peak_depths.split(",")):
-            cmd = [sys.executable, __file__, "--_peak", str(L), "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-                   "--peak-width", str(args.peak_width), "--peak-nsamples", str(args.peak_nsamples), "--calib-seqlen", str(args.calib_seqlen)]
+            cmd = [sys.executable, __file__, "--_peak", str(L),
+                   "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+                   "--peak-width", str(args.peak_width), "--peak-nsamples", str(args.peak_nsamples),
+                   "--calib-seqlen", str(args.calib_seqlen)]
             print(f"memory, {L} blocks ...", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True)
+            out = subprocess.run(cmd, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                                 capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"memory child failed:\n{out.stderr}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            put(f"pass memory beyond weights{' + host copy' if not cuda else ''}, L={L}, buffers", widths[0], f"{r['extra_buffers']:.2f}",
-                f"const (w={args.peak_width}, {args.peak_nsamples}x{args.calib_seqlen}: 1 buffer = {r['buffer_mb']:.0f} MiB, weights {r['weights_mb']:.0f} MiB)")
+            put(f"pass memory beyond weights{' + host copy' if not cuda else ''}, L={L}, buffers",
+                widths[0],
+                f"{r['extra_buffers']:.2f}",
+                f"const (w={args.peak_width}, {args.peak_nsamples}x{args.calib_seqlen}: "
+                f"1 buffer = {r['buffer_mb']:.0f} MiB, weights {r['weights_mb']:.0f} MiB)")
 
     # print the table ---------------------------------------------------------------------------------
     mw = max(map(len, rows)) + 2

@@ -30,10 +30,18 @@ TASKS = {  # the seven zero-shot tasks, at their evaluated split
     "boolq": Hub("aps/super_glue", "boolq", "validation", ["passage", "question", "label"]),
     "piqa": Hub("baber/piqa", None, "validation", ["goal", "sol1", "sol2", "label"]),
     "hellaswag": Hub("Rowan/hellaswag", None, "validation", ["activity_label", "ctx_a", "ctx_b", "endings", "label"]),
-    "winogrande": Hub("allenai/winogrande", "winogrande_xl", "validation", ["sentence", "option1", "option2", "answer"]),
-    "arc_easy": Hub("allenai/ai2_arc", "ARC-Easy", "test", ["question", "choices.text", "choices.label", "answerKey"]),
-    "arc_challenge": Hub("allenai/ai2_arc", "ARC-Challenge", "test", ["question", "choices.text", "choices.label", "answerKey"]),
-    "openbookqa": Hub("allenai/openbookqa", "main", "test", ["question_stem", "choices.text", "choices.label", "answerKey"]),
+    "winogrande": Hub(
+        "allenai/winogrande", "winogrande_xl", "validation", ["sentence", "option1", "option2", "answer"]
+    ),
+    "arc_easy": Hub(
+        "allenai/ai2_arc", "ARC-Easy", "test", ["question", "choices.text", "choices.label", "answerKey"]
+    ),
+    "arc_challenge": Hub(
+        "allenai/ai2_arc", "ARC-Challenge", "test", ["question", "choices.text", "choices.label", "answerKey"]
+    ),
+    "openbookqa": Hub(
+        "allenai/openbookqa", "main", "test", ["question_stem", "choices.text", "choices.label", "answerKey"]
+    ),
 }
 DATASETS = {
     **TASKS,
@@ -136,7 +144,10 @@ def build_requests(task, doc):
         return [(ctx, " " + t) for t in choices["text"]], choices["label"].index(doc["answerKey"])
     if task == "openbookqa":
         choices = doc["choices"]
-        return [(doc["question_stem"], " " + t) for t in choices["text"]], choices["label"].index(doc["answerKey"].strip())
+        return (
+            [(doc["question_stem"], " " + t) for t in choices["text"]],
+            choices["label"].index(doc["answerKey"].strip()),
+        )
     raise ValueError(f"unknown task {task}")
 
 
@@ -281,7 +292,11 @@ def load_wikitext(data_dir=None):
 def format_table(results):
     """Markdown table: acc and acc_norm per task in percent, mean acc, WikiText-2 PPL."""
     tasks = [t for t in TASKS if t in results]
-    head = [COLUMNS[t] for t in tasks] + (["Mean"] if tasks else []) + (["WikiText-2 PPL"] if "wikitext2" in results else [])
+    head = (
+        [COLUMNS[t] for t in tasks]
+        + (["Mean"] if tasks else [])
+        + (["WikiText-2 PPL"] if "wikitext2" in results else [])
+    )
     pct = lambda x: "—" if x is None else f"{100 * x:.2f}"
     acc = [pct(results[t]["acc"]) for t in tasks]
     norm = [pct(results[t]["acc_norm"]) for t in tasks]
@@ -305,14 +320,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="WikiText-2 perplexity and zero-shot accuracy, lm-eval-harness protocol.")
     p.add_argument("--model", required=True, help="Hub id, local folder, or .gguf file")
     p.add_argument("--tasks", default=",".join(["wikitext2", *TASKS]), help="comma-separated; default: all eight")
-    p.add_argument("--data-dir", help="read <task>.jsonl (Hub schema, evaluated split) and wikitext2.jsonl ({'text'} rows of the test split) from here instead of the Hub")
+    p.add_argument("--data-dir", help="read <task>.jsonl (Hub schema, evaluated split) and wikitext2.jsonl "
+                   "({'text'} rows of the test split) from here instead of the Hub")
     p.add_argument("--limit", type=int, help="first N documents of each zero-shot task (WikiText-2 is always whole)")
-    p.add_argument("--seqlen", type=int, help="WikiText-2 window; default: min(model.config.max_position_embeddings, 4096)")
-    p.add_argument("--window-bos", action="store_true", help="start every WikiText-2 window with BOS: BOS + seqlen-1 tokens of the "
-                   "text tokenized without special tokens (for models trained with BOS at the start of every sequence, such as "
-                   "Gemma); off: windows cut from one token stream with the tokenizer's own BOS once at the start (the published protocol)")
+    p.add_argument("--seqlen", type=int,
+                   help="WikiText-2 window; default: min(model.config.max_position_embeddings, 4096)")
+    p.add_argument("--window-bos", action="store_true",
+                   help="start every WikiText-2 window with BOS: BOS + seqlen-1 tokens of the "
+                   "text tokenized without special tokens (for models trained with BOS at the start of every "
+                   "sequence, such as Gemma); off: windows cut from one token stream with the tokenizer's own "
+                   "BOS once at the start (the published protocol)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--add-bos", action="store_true", help="prepend BOS to zero-shot contexts (newer harness versions do; the published numbers do not); "
+    p.add_argument("--add-bos", action="store_true",
+                   help="prepend BOS to zero-shot contexts (newer harness versions do; the published numbers do not); "
                    "perplexity windows: --window-bos")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

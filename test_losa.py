@@ -13,6 +13,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 from fractions import Fraction
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
@@ -20,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
-from pydoc_data.topics import topics
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import eval as ev
@@ -128,7 +128,8 @@ def test_layer_sparsities_solve_the_lp():
 
 def test_layer_sparsities_clip_to_the_unit_interval():
     C = torch.eye(4) + 0.5
-    assert all(0 <= v < 1 for v in losa.layer_sparsities(C, 0.99, 0.03)) and min(losa.layer_sparsities(C, 0.005, 0.01)) == 0
+    assert (all(0 <= v < 1 for v in losa.layer_sparsities(C, 0.99, 0.03))
+            and min(losa.layer_sparsities(C, 0.005, 0.01)) == 0)
 
 
 def test_allocate_ranks():
@@ -210,7 +211,8 @@ def sparsegpt_float64(W, H, sparsity, nm=None, blocksize=128, percdamp=0.01):
 
 def reference_counts(rows, cols, sparsity, blocksize=128):
     """Weights the reference rule prunes without ties: floor(s * count) + 1 per block of columns, none at s = 0."""
-    return sum(int(rows * min(blocksize, cols - i) * sparsity) + 1 for i in range(0, cols, blocksize)) if sparsity > 0 else 0
+    return (sum(int(rows * min(blocksize, cols - i) * sparsity) + 1 for i in range(0, cols, blocksize))
+            if sparsity > 0 else 0)
 
 
 def dead_input_hessian(dtype=torch.float32):
@@ -263,10 +265,15 @@ def test_sparsegpt_damps_a_singular_or_indefinite_hessian_until_it_factors():
     cases = {  # (H, percdamp asked, damping that must be used)
         "4 tokens for 64 inputs, no damping": (rank_deficient_hessian(4, 64), 0.0, 0.01),
         "duplicated inputs, no damping": (rank_deficient_hessian(512, 64, duplicate=True), 0.0, 0.01),
-        "indefinite": (rank_deficient_hessian(16, 64) - 0.05 * rank_deficient_hessian(16, 64).diag().mean() * torch.eye(64), 0.01, 0.1),
+        "indefinite": (
+            rank_deficient_hessian(16, 64) - 0.05 * rank_deficient_hessian(16, 64).diag().mean() * torch.eye(64),
+            0.01,
+            0.1,
+        ),
     }
     for name, (H, percdamp, expect) in cases.items():
-        assert torch.linalg.cholesky_ex(H + percdamp * H.diag().mean() * torch.eye(64)).info != 0, name  # needs more damping
+        # needs more damping
+        assert torch.linalg.cholesky_ex(H + percdamp * H.diag().mean() * torch.eye(64)).info != 0, name
         for nm in (None, (2, 4)):
             got = W.clone()
             keep, damp = losa.sparsegpt_prune_(got, H, 0.5, nm, percdamp=percdamp)
@@ -419,8 +426,12 @@ FAMILIES = {  # model type -> (its config beyond TINY, where it keeps its blocks
     "gpt_neox": ({}, "gpt_neox.layers", 4),
     "falcon": (dict(num_kv_heads=2, new_decoder_architecture=True), "transformer.h", 4),  # query_key_value fused
     "gemma2": (dict(head_dim=16, sliding_window=16), "model.layers", 7),  # sliding, full, sliding
-    "gemma3_text": (dict(head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-                    "model.layers", 7),
+    "gemma3_text": (
+        dict(head_dim=16, sliding_window=16,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        "model.layers",
+        7,
+    ),
 }
 
 
@@ -430,7 +441,8 @@ def tiny_family(family, folder, tokenizer_dir):
     config = transformers.AutoConfig.for_model(family, **TINY, **FAMILIES[family][0])
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)  # the config picks the class: Qwen2's splits text otherwise
+    # the config picks the class: Qwen2's splits text otherwise
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def pydoc_ids(tok, n, seqlen):
@@ -447,7 +459,8 @@ def test_chained_block_inputs_reproduce_each_familys_hidden_states(family, tmp_p
     ids = pydoc_ids(tok, 2, 48)
     x, kw = losa.capture_block_inputs(model, ids)
     with torch.no_grad():
-        hidden = model(ids, output_hidden_states=True).hidden_states  # the input of every block, then the final norm's output
+        # the input of every block, then the final norm's output
+        hidden = model(ids, output_hidden_states=True).hidden_states
     errors = []
     for l, block in enumerate(layers):
         errors.append(((x - hidden[l]).norm() / hidden[l].norm()).item())
@@ -463,8 +476,10 @@ def test_cli_prunes_every_projection_of_each_family(family, tiny_run, tokenizer_
     original, tok = tiny_family(family, tmp / family, tokenizer_dir)
     kept, save = {}, losa.save
     monkeypatch.setattr(losa, "save", lambda model, *rest: (kept.setdefault("model", model), save(model, *rest)))
-    monkeypatch.setattr(losa, "plot_report", lambda report, path: None)  # the figure is tested elsewhere; matplotlib costs seconds
-    assert run_cli(base + ["--model", str(tmp / family), "--train-samples", "8", "--out", str(tmp / "out")]) == 0  # 1 update per step
+    # the figure is tested elsewhere; matplotlib costs seconds
+    monkeypatch.setattr(losa, "plot_report", lambda report, path: None)
+    # 1 update per step
+    assert run_cli(base + ["--model", str(tmp / family), "--train-samples", "8", "--out", str(tmp / "out")]) == 0
     steps = json.loads((tmp / "out" / "losa_report.json").read_text())["steps"]
     got = AutoModelForCausalLM.from_pretrained(tmp / "out").eval()
     before, after, prefix = original.state_dict(), got.state_dict(), FAMILIES[family][1] + "."
@@ -473,7 +488,8 @@ def test_cli_prunes_every_projection_of_each_family(family, tiny_run, tokenizer_
     for k, w in after.items():
         if k.startswith(prefix) and w.dim() == 2:  # a projection of block l
             l = int(k.removeprefix(prefix).split(".")[0])
-            zeros = max(int(step["layer_sparsity"]["assigned"][l] * w.shape[1]) for step in steps)  # a row keeps its zeros
+            # a row keeps its zeros
+            zeros = max(int(step["layer_sparsity"]["assigned"][l] * w.shape[1]) for step in steps)
             assert zeros > 0 and ((w == 0).sum(1) == zeros).all(), k
             matrices += 1
         else:
@@ -485,7 +501,8 @@ def test_cli_prunes_every_projection_of_each_family(family, tiny_run, tokenizer_
 
 
 def test_cli_refuses_a_model_whose_blocks_are_not_nn_linear(tiny_run, capsys):
-    """GPT-2's blocks compute with transformers' Conv1D (weight stored in x out): one line naming it, exit 2, nothing written."""
+    """GPT-2's blocks compute with transformers' Conv1D (weight stored in x out): one line naming it, exit 2,
+    nothing written."""
     tmp, base = tiny_run
     config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=49152, n_positions=256)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "gpt2")
@@ -538,15 +555,19 @@ def test_oneshot_wanda_on_smollm2_keeps_perplexity_sane(smollm2):
         # buffers that the state dict does not hold (the rotary inv_freq) of the shared fixture
         model16 = copy.deepcopy(model).to(torch.bfloat16)
         losa.losa(model16, calib, [[]], cfg)
-        rows_bf16 = [(lin.weight == 0).sum(1) for b in losa.decoder_layers(model16) for lin in losa.projections(b).values()]
+        rows_bf16 = [(lin.weight == 0).sum(1)
+                     for b in losa.decoder_layers(model16) for lin in losa.projections(b).values()]
         pruned_bf16 = ev.perplexity(model16, eval_ids, 512)
         del model16
     finally:
         model.load_state_dict(original)
-    print(f"\nSmolLM2-135M, held-back Python docs, 4 x 512 tokens: dense {dense:.2f}, Wanda 50 % {pruned:.2f} (fp32), {pruned_bf16:.2f} (bf16)")
+    print(f"\nSmolLM2-135M, held-back Python docs, 4 x 512 tokens: dense {dense:.2f}, "
+          f"Wanda 50 % {pruned:.2f} (fp32), {pruned_bf16:.2f} (bf16)")
     assert sparsity == pytest.approx(0.5, abs=1e-3)
     assert 5 < dense < 30 and dense < pruned < 2.5 * dense
-    assert all((z >= w.shape[1] // 2).all() for z, w in zip(rows_bf16, [l.weight for b in losa.decoder_layers(model) for l in losa.projections(b).values()]))
+    assert all((z >= w.shape[1] // 2).all()
+               for z, w in zip(rows_bf16,
+                               [l.weight for b in losa.decoder_layers(model) for l in losa.projections(b).values()]))
     assert pruned_bf16 == pytest.approx(pruned, rel=0.02)
 
 
@@ -574,9 +595,11 @@ def test_pruning_pass_memory_does_not_grow_with_depth():
     extra = {}
     for L in (4, 16):
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # large buffers are returned to the OS when freed
-        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(L)], cwd=HERE, env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(L)],
+                             cwd=HERE, env=env, capture_output=True, text=True, check=True)
         extra[L], buffer = map(int, out.stdout.split()[-2:])
-    print(f"\npeak extra memory of RMI + Wanda pass: 4 blocks {extra[4] / 2**20:.1f} MiB, 16 blocks {extra[16] / 2**20:.1f} MiB, one activation buffer {buffer / 2**20:.1f} MiB")
+    print(f"\npeak extra memory of RMI + Wanda pass: 4 blocks {extra[4] / 2**20:.1f} MiB, "
+          f"16 blocks {extra[16] / 2**20:.1f} MiB, one activation buffer {buffer / 2**20:.1f} MiB")
     assert extra[16] < extra[4] + buffer  # 12 more blocks add less than one activation buffer
     assert extra[4] < 8 * buffer
 
@@ -687,9 +710,11 @@ def tiny_run(tmp_path, tokenizer_dir):
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
     calib, train, _ = losa.pydoc_slices()
     (tmp_path / "calib.txt").write_text(calib[:20000])
-    rows = [{"instruction": f"Explain topic {i}.", "input": "", "output": train[i * 300 : i * 300 + 200]} for i in range(24)]
+    rows = [{"instruction": f"Explain topic {i}.", "input": "", "output": train[i * 300 : i * 300 + 200]}
+            for i in range(24)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    base = ["--model", str(model_dir), "--calib", str(tmp_path / "calib.txt"), "--train", str(tmp_path / "train.jsonl"),
+    base = ["--model", str(model_dir), "--calib", str(tmp_path / "calib.txt"),
+            "--train", str(tmp_path / "train.jsonl"),
             "--steps", "2", "--nsamples", "4", "--seqlen", "32", "--train-samples", "16", "--batch-size", "4",
             "--grad-accum", "1", "--max-len", "48", "--device", "cpu"]
     return tmp_path, base
@@ -715,7 +740,8 @@ def test_cli_end_to_end_on_a_tiny_llama(tiny_run, extra):
     report = json.loads((outs[0] / "losa_report.json").read_text())
     assert len(report["steps"]) == 2
     for step in report["steps"]:
-        for key in ("target_sparsity", "delta", "layer_sparsity", "ranks", "reconstruction_error", "train_loss", "seconds"):
+        for key in ("target_sparsity", "delta", "layer_sparsity", "ranks", "reconstruction_error", "train_loss",
+                    "seconds"):
             assert key in step
         assert set(step["layer_sparsity"]) == {"assigned", "achieved"} and len(step["ranks"]) == 4
         assert all(math.isfinite(v) for v in step["train_loss"]) and len(step["train_loss"]) == step["updates"]
@@ -729,9 +755,12 @@ def test_cli_end_to_end_on_a_tiny_llama(tiny_run, extra):
     sparsity = sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
     assert sparsity == pytest.approx(report["sparsity"])
     if "2:4" in extra:
-        assert all(((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all() for w in ws) and sparsity == pytest.approx(0.5, abs=1e-3)
+        assert (all(((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all() for w in ws)
+                and sparsity == pytest.approx(0.5, abs=1e-3))
     else:
-        floor = sum(int(s * w.shape[1]) * w.shape[0] for w, s in zip(ws, [s for s in report["steps"][-1]["layer_sparsity"]["assigned"] for _ in range(7)]))
+        floor = sum(int(s * w.shape[1]) * w.shape[0]
+                    for w, s in zip(ws,
+                                    [s for s in report["steps"][-1]["layer_sparsity"]["assigned"] for _ in range(7)]))
         assert (sparsity * sum(w.numel() for w in ws)) == floor  # floor(s_l * d_in) zeros in every row
         assert abs(sparsity - 0.5) <= 0.02
     for lin_a, lin_d in zip(ws, [l.weight for b in tiny_llama().model.layers for l in losa.projections(b).values()]):
@@ -834,7 +863,8 @@ def test_cli_in_bfloat16_keeps_exact_sparsity_through_merges(tiny_run):
     rounds to exactly 0 for some kept weights in bf16; the pattern and the per-row counts must hold."""
     tmp, base = tiny_run
     out = tmp / "out"
-    assert run_cli(base + ["--dtype", "bfloat16", "--steps", "3", "--train-samples", "24", "--lr", "1e-2", "--out", str(out)]) == 0
+    assert run_cli(base + ["--dtype", "bfloat16", "--steps", "3", "--train-samples", "24", "--lr", "1e-2",
+                           "--out", str(out)]) == 0
     report = json.loads((out / "losa_report.json").read_text())
     assert all(math.isfinite(v) for step in report["steps"] for v in step["train_loss"])
     model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
@@ -863,8 +893,10 @@ def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, toke
         return real_losa(model, calib_ids, plan, cfg, dense)
 
     def spy_finetune(model, mods, updates, cfg, t):
-        runs[-1]["fed"].append([[(b["input_ids"].clone(), b["attention_mask"].clone()) for b in group] for group in updates])
-        runs[-1]["params"].append(sum(m.rank * (m.lora_A.shape[1] + m.lora_B.shape[0]) for m in mods))  # active LoRA parameters
+        runs[-1]["fed"].append([[(b["input_ids"].clone(), b["attention_mask"].clone()) for b in group]
+                                for group in updates])
+        # active LoRA parameters
+        runs[-1]["params"].append(sum(m.rank * (m.lora_A.shape[1] + m.lora_B.shape[0]) for m in mods))
         return real_finetune(model, mods, updates, cfg, t)
 
     monkeypatch.setattr(losa, "losa", spy_losa)
@@ -872,20 +904,26 @@ def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, toke
     out = tmp / "cmp"
     (tmp / "extra.txt").write_text(topics["if"][:3000])
     args = base + ["--steps", "3", "--sparsity", "0.5", "--compare", "--ablation", "--pruner", "wanda,sparsegpt",
-                   "--data-dir", str(tmp / "data"), "--eval-seqlen", "128", "--ppl-text", str(tmp / "extra.txt"), "--out", str(out)]
+                   "--data-dir", str(tmp / "data"), "--eval-seqlen", "128", "--ppl-text", str(tmp / "extra.txt"),
+                   "--out", str(out)]
     assert run_cli(args) == 0
     table = capsys.readouterr().out.split("| Method")[1].splitlines()
     assert table[0].split(" | ")[:4] == ["", "Sparsity", "PPL", "PPL extra.txt"]
-    assert [l.split(" | ")[:2] for l in table if "unmerged" in l] == [["| Wanda w. LoRA, unmerged (dense delta)", "50% + dense delta"],
-                                                                     ["| SparseGPT w. LoRA, unmerged (dense delta)", "50% + dense delta"]]
+    assert [l.split(" | ")[:2] for l in table if "unmerged" in l] == [
+        ["| Wanda w. LoRA, unmerged (dense delta)", "50% + dense delta"],
+        ["| SparseGPT w. LoRA, unmerged (dense delta)", "50% + dense delta"],
+    ]
     result = json.loads((out / "compare.json").read_text())
     rows = result["rows"]
-    assert result["scoring"] == dict(source=str(tmp / "data"), texts=["wikitext2", "extra.txt"], tasks=["wikitext2", *ev.TASKS], seqlen=128, limit=None,
-                                     batch_size=8)
+    assert result["scoring"] == dict(source=str(tmp / "data"), texts=["wikitext2", "extra.txt"],
+                                     tasks=["wikitext2", *ev.TASKS], seqlen=128, limit=None, batch_size=8)
     names = ["oneshot", "lora", "lora_dense", "losa", "losa_no_rmi", "losa_no_rank_alloc", "losa_uniform"]
-    assert [(r["name"], r["pruner"]) for r in rows] == [("dense", None)] + [(n, p) for p in ("wanda", "sparsegpt") for n in names]
+    assert [(r["name"], r["pruner"]) for r in rows] == (
+        [("dense", None)] + [(n, p) for p in ("wanda", "sparsegpt") for n in names]
+    )
     assert len(runs) == 14 and all(torch.equal(r["calib"], runs[0]["calib"]) for r in runs)
-    assert sorted(json.dumps(r["settings"], sort_keys=True) for r in rows[1:]) == sorted(json.dumps(r["settings"], sort_keys=True) for r in runs)
+    assert (sorted(json.dumps(r["settings"], sort_keys=True) for r in rows[1:])
+            == sorted(json.dumps(r["settings"], sort_keys=True) for r in runs))
     by = {(r["name"], r["pruner"]): r for r in rows}
     run_of = {(n, p): next(r for r in runs if r["settings"] == by[(n, p)]["settings"]) for n, p in by if p}
     text = ev.load_wikitext(str(tmp / "data"))
@@ -895,31 +933,44 @@ def test_compare_rows_share_data_updates_budget_and_dense_weights(tiny_run, toke
                                           "extra.txt": pytest.approx(ev.perplexity(fresh, extra, 128), rel=1e-5)}
     tok = AutoTokenizer.from_pretrained(tmp / "model")
     examples = losa.tokenize_examples(losa.read_texts(str(tmp / "train.jsonl"))[:16], tok, 48)
-    unpad = lambda step: [tuple(row[m == 1].tolist()) for group in step for rows_, masks in group for row, m in zip(rows_, masks)]
+    unpad = lambda step: [tuple(row[m == 1].tolist())
+                          for group in step for rows_, masks in group for row, m in zip(rows_, masks)]
     for p in ("wanda", "sparsegpt"):
         losa_row, lora_row = by[("losa", p)], by[("lora", p)]
-        assert losa_row["settings"] == {**asdict(losa.Settings(sparsity=0.5, steps=3, pruner=p, batch_size=4, grad_accum=1, rmi_samples=4,
-                                                                lr=2e-4)), "nm": None, "shares": [0.2, 0.2, 0.6]}
-        assert lora_row["settings"] == {**losa_row["settings"], "steps": 1, "rmi": False, "rank_alloc": False, "mean_rank": 7}
+        assert losa_row["settings"] == {
+            **asdict(losa.Settings(sparsity=0.5, steps=3, pruner=p, batch_size=4, grad_accum=1, rmi_samples=4,
+                                   lr=2e-4)),
+            "nm": None,
+            "shares": [0.2, 0.2, 0.6],
+        }
+        assert lora_row["settings"] == {**losa_row["settings"], "steps": 1, "rmi": False, "rank_alloc": False,
+                                        "mean_rank": 7}
         assert by[("lora_dense", p)]["settings"] == {**lora_row["settings"], "masked": False}
         assert by[("oneshot", p)]["settings"] == {**losa_row["settings"], "steps": 1, "rmi": False, "finetune": False}
         assert by[("losa_uniform", p)]["settings"] == {**losa_row["settings"], "rmi": False, "rank_alloc": False}
         fed_losa, fed_lora, fed_dense = (run_of[(n, p)]["fed"] for n in ("losa", "lora", "lora_dense"))
         assert len(fed_losa) == 3 and len(fed_lora) == len(fed_dense) == 1
         flat = [u for step in fed_losa for u in step]
-        assert len(flat) == len(fed_lora[0]) == losa_row["updates"] == lora_row["updates"] == by[("lora_dense", p)]["updates"] == 5
+        assert (len(flat) == len(fed_lora[0]) == losa_row["updates"] == lora_row["updates"]
+                == by[("lora_dense", p)]["updates"] == 5)
         for fed in (fed_lora, fed_dense):
-            assert all(len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b)) for a, b in zip(flat, fed[0]))
+            assert all(len(a) == len(b)
+                       and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+                       for a, b in zip(flat, fed[0]))
         bounds = [0, 3, 6, 16]  # the released shares for T = 3: 20 %, 20 %, 60 % of the 16 examples, floored
         for t, step in enumerate(fed_losa):  # step t fine-tunes on its share of the examples, each once
             assert sorted(unpad(step)) == sorted(map(tuple, examples[bounds[t] : bounds[t + 1]]))
         assert [(s["examples"], s["updates"]) for s in losa_row["steps"]] == [(3, 1), (3, 1), (10, 3)]
-        per_rank = sum(lin.in_features + lin.out_features for lin in losa.projections(fresh.model.layers[0]).values())
-        assert run_of[("losa", p)]["params"] == [omega * 4 * per_rank for omega in (6, 7, 8)]  # Omega_t L ranks per step
-        assert run_of[("lora", p)]["params"] == run_of[("lora_dense", p)]["params"] == [7 * 4 * per_rank]  # their mean: the same budget
+        per_rank = sum(lin.in_features + lin.out_features
+                       for lin in losa.projections(fresh.model.layers[0]).values())
+        # Omega_t L ranks per step
+        assert run_of[("losa", p)]["params"] == [omega * 4 * per_rank for omega in (6, 7, 8)]
+        # their mean: the same budget
+        assert run_of[("lora", p)]["params"] == run_of[("lora_dense", p)]["params"] == [7 * 4 * per_rank]
         assert by[("oneshot", p)]["updates"] == 0 and len(by[("lora", p)]["steps"][0]["ranks"]) == 4
         for r in (by[(n, p)] for n in names):
-            assert set(r) >= {"name", "ppl", "acc", "mean_acc", "settings", "updates", "seconds"} and math.isfinite(r["ppl"]["wikitext2"])
+            assert (set(r) >= {"name", "ppl", "acc", "mean_acc", "settings", "updates", "seconds"}
+                    and math.isfinite(r["ppl"]["wikitext2"]))
             assert set(r["acc"]) == set(ev.TASKS) and r["mean_acc"] == pytest.approx(sum(r["acc"].values()) / 7)
             assert abs(r.get("base_sparsity", r["sparsity"]) - 0.5) <= 0.02
         assert by[("lora_dense", p)]["sparsity"] < 0.01  # what it scored: W + s B A, dense
@@ -942,7 +993,8 @@ def test_seeds_give_the_single_seed_rows_and_their_mean_and_sd(tiny_run, capsys)
     every report says which versions and machine made it."""
     tmp, base = tiny_run
     write_data(tmp / "data")
-    common = base + ["--sparsity", "0.5", "--compare", "--data-dir", str(tmp / "data"), "--tasks", "wikitext2,piqa", "--eval-seqlen", "128"]
+    common = base + ["--sparsity", "0.5", "--compare", "--data-dir", str(tmp / "data"), "--tasks", "wikitext2,piqa",
+                     "--eval-seqlen", "128"]
     assert run_cli(common + ["--seeds", "0,1", "--lora-dense", "--out", str(tmp / "both")]) == 0
     table = capsys.readouterr().out
     assert run_cli(common + ["--seed", "1", "--lora-dense", "--out", str(tmp / "one")]) == 0
@@ -956,12 +1008,14 @@ def test_seeds_give_the_single_seed_rows_and_their_mean_and_sd(tiny_run, capsys)
         rs = [r for r in both["rows"] if (r["name"], r["pruner"]) == (st["name"], st["pruner"])]
         for key, sub_ in (("ppl", "wikitext2"), ("acc", "piqa")):
             v = np.array([r[key][sub_] for r in rs])
-            assert st[key][sub_]["mean"] == pytest.approx(v.mean(), rel=1e-12) and st[key][sub_]["sd"] == pytest.approx(v.std(ddof=1), abs=1e-12)
+            assert (st[key][sub_]["mean"] == pytest.approx(v.mean(), rel=1e-12)
+                    and st[key][sub_]["sd"] == pytest.approx(v.std(ddof=1), abs=1e-12))
         assert st["seeds"] == [0, 1]
     dense = next(st for st in both["summary"] if st["name"] == "dense")
     lines = [l for l in table.splitlines() if l.startswith("| Wanda w. LoSA |")]
     losa_st = next(st for st in both["summary"] if st["name"] == "losa")
-    assert lines == [f"| Wanda w. LoSA | 50% | {losa_st['ppl']['wikitext2']['mean']:.2f} ± {losa_st['ppl']['wikitext2']['sd']:.2f} | "
+    assert lines == [f"| Wanda w. LoSA | 50% | "
+                     f"{losa_st['ppl']['wikitext2']['mean']:.2f} ± {losa_st['ppl']['wikitext2']['sd']:.2f} | "
                      f"{100 * losa_st['acc']['piqa']['mean']:.2f} ± {100 * losa_st['acc']['piqa']['sd']:.2f} | "
                      f"{100 * losa_st['mean_acc']['mean']:.2f} ± {100 * losa_st['mean_acc']['sd']:.2f} |"]
     assert dense["ppl"]["wikitext2"]["sd"] == 0 and "mean ± sample sd over seeds 0,1" in table
@@ -973,11 +1027,15 @@ def test_seeds_give_the_single_seed_rows_and_their_mean_and_sd(tiny_run, capsys)
     for d, names in (("some", ["dense", "lora_dense", "losa"]), ("oneshot", ["dense", "oneshot"])):
         some = json.loads((tmp / d / "compare.json").read_text())
         assert strip_seconds(some["rows"]) == strip_seconds([r for r in one["rows"] if r["name"] in names])
-    assert (tmp / "some" / "model.safetensors").exists() and sorted(p.name for p in (tmp / "oneshot").iterdir()) == ["compare.json"]
-    import datasets, transformers
+    assert ((tmp / "some" / "model.safetensors").exists()
+            and sorted(p.name for p in (tmp / "oneshot").iterdir()) == ["compare.json"])
+    import datasets
+    import transformers
     for r in (report, both):
         env = r["machine"]
-        assert (env["torch"], env["transformers"], env["datasets"]) == (torch.__version__, transformers.__version__, datasets.__version__)
+        assert (env["torch"], env["transformers"], env["datasets"]) == (
+            torch.__version__, transformers.__version__, datasets.__version__
+        )
         assert env["dtype"] == "float32" and env["threads"] == torch.get_num_threads() and env["device"]
 
 
@@ -986,7 +1044,8 @@ def test_the_demo_flags_of_a_single_row_run_one_row():
     for flags in (["--no-finetune"], ["--no-rmi"], ["--no-rank-alloc", "--steps", "1"]):
         args = losa.validate(losa.build_parser().parse_args(flags + ["--out", "/nonexistent/x"]))
         assert args.model is None and not args.compare and args.sparsity == 0.7 and args.calib == "pydoc"
-    assert losa.validate(losa.build_parser().parse_args(["--out", "/nonexistent/x"])).compare  # the demo itself compares
+    # the demo itself compares
+    assert losa.validate(losa.build_parser().parse_args(["--out", "/nonexistent/x"])).compare
     with pytest.raises(ValueError, match="--compare sets"):
         losa.validate(losa.build_parser().parse_args(["--compare", "--no-rmi", "--out", "/nonexistent/x"]))
 
@@ -997,7 +1056,8 @@ def test_the_demo_scores_the_first_characters_of_both_texts():
     texts, docs = losa.load_eval_data(losa.validate(losa.build_parser().parse_args(["--out", "/nonexistent/x"])))
     names = sorted(topics)
     held = "\n\n".join(topics[k] for k in names[4::5])
-    with open(os.path.join(os.path.dirname(os.path.abspath(losa.__file__)), "data", "wikipedia.txt"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(os.path.abspath(losa.__file__)), "data", "wikipedia.txt"),
+              encoding="utf-8") as f:
         wiki = f.read()
     n = losa.DEMO_TEXT_CHARS
     assert len(held) > n and len(wiki) > n and docs == {}  # a real cut of both
@@ -1011,7 +1071,8 @@ def even_plan_before_shares(examples, T, batch_size, grad_accum, pad_id, seed):
     generator = torch.Generator().manual_seed(seed)
     plan = []
     for t in range(T):
-        micro = list(losa.batches(examples[t * len(examples) // T : (t + 1) * len(examples) // T], batch_size, pad_id, generator))
+        micro = list(losa.batches(examples[t * len(examples) // T : (t + 1) * len(examples) // T],
+                                  batch_size, pad_id, generator))
         plan.append([micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)])
     return plan
 
@@ -1026,22 +1087,26 @@ def plan_examples(plan):
 def test_update_plan_gives_the_released_shares_each_example_once(N, T):
     examples = [[i + 1] for i in range(N)]  # distinct one-token examples
     steps = plan_examples(losa.update_plan(examples, losa.released_shares(T), 64, 2, 0, seed=0))
-    shares = [Fraction(1)] if T == 1 else [Fraction(2, 5 * (T - 1))] * (T - 1) + [Fraction(3, 5)]  # 40 % evenly, then 60 %
+    # 40 % evenly, then 60 %
+    shares = [Fraction(1)] if T == 1 else [Fraction(2, 5 * (T - 1))] * (T - 1) + [Fraction(3, 5)]
     sizes = [len(s) for s in steps]
     assert sum(sizes) == N and sorted(t for s in steps for t in s) == list(range(1, N + 1))  # each example in one step
     assert all(math.floor(f * N) <= n <= math.floor(f * N) + 1 for f, n in zip(shares, sizes))
     assert sizes[:-1] == [math.floor(sum(shares[: t + 1]) * N) - math.floor(sum(shares[:t]) * N) for t in range(T - 1)]
     if (N, T) == (10_000, 5):
-        assert sizes == [1000, 1000, 1000, 1000, 6000]  # the released code's rows 1000-1999, ..., 3000-3999 and 4000-9999
+        # the released code's rows 1000-1999, ..., 3000-3999 and 4000-9999
+        assert sizes == [1000, 1000, 1000, 1000, 6000]
     assert [sorted(s) for s in steps] == [list(range(a + 1, a + n + 1)) for a, n in zip(np.cumsum([0] + sizes), sizes)]
 
 
 def test_even_shares_give_the_plan_and_weights_of_before(tiny_run, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     examples = losa.tokenize_examples([losa.pydoc_slices()[1][i * 200 : i * 200 + 150] for i in range(17)], tok, 40)
-    new, old = losa.update_plan(examples, losa.parse_shares("even", 3), 2, 2, 0, 3), even_plan_before_shares(examples, 3, 2, 2, 0, 3)
+    new, old = (losa.update_plan(examples, losa.parse_shares("even", 3), 2, 2, 0, 3),
+                even_plan_before_shares(examples, 3, 2, 2, 0, 3))
     flat = lambda plan: [t for step in plan for u in step for b in u for t in b.values()]
-    assert [len(s) for s in new] == [len(s) for s in old] and all(torch.equal(a, b) for a, b in zip(flat(new), flat(old), strict=True))
+    assert ([len(s) for s in new] == [len(s) for s in old]
+            and all(torch.equal(a, b) for a, b in zip(flat(new), flat(old), strict=True)))
     cfg = losa.Settings(sparsity=0.5, steps=3, rmi_samples=4, batch_size=2, grad_accum=2, lr=1e-3)
     calib = losa.sample_windows([losa.pydoc_slices()[0]], tok, 4, 32, 0)
     weights = []
@@ -1080,9 +1145,11 @@ def test_demo_shortened_on_smollm2(smollm2, tmp_path, capsys, monkeypatch):
     (tmp_path / "wikipedia.txt").write_text(open(losa.WIKIPEDIA, encoding="utf-8").read()[:5000], encoding="utf-8")
     monkeypatch.setattr(losa, "WIKIPEDIA", str(tmp_path / "wikipedia.txt"))
     slices = losa.pydoc_slices()
-    monkeypatch.setattr(losa, "pydoc_slices", lambda: (*slices[:2], slices[2][:6000]))  # and 6,000 held-back characters
+    # and 6,000 held-back characters
+    monkeypatch.setattr(losa, "pydoc_slices", lambda: (*slices[:2], slices[2][:6000]))
     out = tmp_path / "demo"
-    args = ["--steps", "2", "--nsamples", "8", "--seqlen", "128", "--train-samples", "32", "--max-len", "64", "--out", str(out)]
+    args = ["--steps", "2", "--nsamples", "8", "--seqlen", "128", "--train-samples", "32", "--max-len", "64",
+            "--out", str(out)]
     assert run_cli(args) == 0
     report = json.loads((out / "losa_report.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -1091,18 +1158,24 @@ def test_demo_shortened_on_smollm2(smollm2, tmp_path, capsys, monkeypatch):
     assigned = report["steps"][-1]["layer_sparsity"]["assigned"]
     zeros = sum((lin.weight == 0).sum().item() for b in blocks for lin in losa.projections(b).values())
     total = sum(lin.weight.numel() for b in blocks for lin in losa.projections(b).values())
-    for b, s in zip(blocks, assigned):  # floor(s_l d_in) pruned in every row (the .gguf weights hold a few zeros of their own)
-        assert all(((lin.weight == 0).sum(1) >= int(s * lin.in_features)).all() for lin in losa.projections(b).values())
+    # floor(s_l d_in) pruned in every row (the .gguf weights hold a few zeros of their own)
+    for b, s in zip(blocks, assigned):
+        assert all(((lin.weight == 0).sum(1) >= int(s * lin.in_features)).all()
+                   for lin in losa.projections(b).values())
     assert zeros / total == pytest.approx(report["sparsity"]) and abs(zeros / total - 0.7) < 2e-3
     rows = {r["name"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     dense, tok = smollm2
     direct = {name: ev.perplexity(dense, tok(text, return_tensors="pt").input_ids, 512)
-              for name, text in (("pydoc", losa.pydoc_slices()[2]), ("wikipedia", open(losa.WIKIPEDIA, encoding="utf-8").read()))}
+              for name, text in (("pydoc", losa.pydoc_slices()[2]),
+                                 ("wikipedia", open(losa.WIKIPEDIA, encoding="utf-8").read()))}
     assert rows["dense"]["ppl"] == {k: pytest.approx(v, rel=1e-5) for k, v in direct.items()}
-    assert all(set(r["ppl"]) == {"pydoc", "wikipedia"} and all(map(math.isfinite, r["ppl"].values())) for r in rows.values())
+    assert all(set(r["ppl"]) == {"pydoc", "wikipedia"} and all(map(math.isfinite, r["ppl"].values()))
+               for r in rows.values())
     ppl = {name: r["ppl"]["pydoc"] for name, r in rows.items()}
-    print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, w. LoRA {ppl['lora']:.2f}, LoSA {ppl['losa']:.2f}")
-    assert list(rows) == ["dense", "oneshot", "lora", "losa"] and all(r["acc"] == {} and r["mean_acc"] is None for r in rows.values())
+    print(f"\nshortened demo: perplexity dense {ppl['dense']:.2f}, one-shot {ppl['oneshot']:.2f}, "
+          f"w. LoRA {ppl['lora']:.2f}, LoSA {ppl['losa']:.2f}")
+    assert (list(rows) == ["dense", "oneshot", "lora", "losa"]
+            and all(r["acc"] == {} and r["mean_acc"] is None for r in rows.values()))
     assert ppl["dense"] < ppl["losa"] < ppl["oneshot"] and ppl["lora"] < ppl["oneshot"]
     assert rows["lora"]["updates"] == rows["losa"]["updates"] == 8 and abs(rows["lora"]["sparsity"] - 0.7) < 2e-3
     printed = capsys.readouterr().out
@@ -1129,22 +1202,30 @@ def test_losa_shortened_on_gemma3(gemma3, tmp_path):
         oneshot = ppl()
         model.load_state_dict(original, strict=False)
         cfg = losa.Settings(sparsity=0.7, steps=2, batch_size=4, grad_accum=1, lr=1e-3, rmi_samples=8)
-        report = losa.losa(model, calib, losa.update_plan(examples, losa.released_shares(cfg.steps), cfg.batch_size, cfg.grad_accum, pad, cfg.seed), cfg)
+        report = losa.losa(
+            model,
+            calib,
+            losa.update_plan(examples, losa.released_shares(cfg.steps), cfg.batch_size, cfg.grad_accum, pad, cfg.seed),
+            cfg,
+        )
         pruned = ppl()
-        losa.save(model, tok, losa.run_report(model, "gemma-3-270m", cfg, {}, {}, report, 0.0), str(tmp_path / "gemma"))
+        losa.save(model, tok, losa.run_report(model, "gemma-3-270m", cfg, {}, {}, report, 0.0),
+                  str(tmp_path / "gemma"))
         with torch.no_grad():
             want = model(eval_ids[:, :64]).logits
             got = AutoModelForCausalLM.from_pretrained(tmp_path / "gemma")(eval_ids[:, :64]).logits
         assigned = [step["layer_sparsity"]["assigned"] for step in report]
         for l, b in enumerate(layers):
             for lin, z in zip(losa.projections(b).values(), own_zeros[l]):
-                pruned_per_row = max(int(lin.in_features * s[l]) for s in assigned)  # sparsities may not rise at every block
+                # sparsities may not rise at every block
+                pruned_per_row = max(int(lin.in_features * s[l]) for s in assigned)
                 assert torch.equal((lin.weight == 0).sum(1), z.clamp_min(pruned_per_row))
     finally:
         model.load_state_dict(original, strict=False)
         model.zero_grad(set_to_none=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    print(f"\nGemma 3 270M, 70 %, 8 x 256 calibration, 16 examples: perplexity dense {dense:.2f}, one-shot {oneshot:.2f}, LoSA {pruned:.2f}")
+    print(f"\nGemma 3 270M, 70 %, 8 x 256 calibration, 16 examples: perplexity dense {dense:.2f}, "
+          f"one-shot {oneshot:.2f}, LoSA {pruned:.2f}")
     assert dense < pruned < oneshot
 
 
@@ -1153,7 +1234,8 @@ def test_losa_shortened_on_gemma3(gemma3, tmp_path):
 
 DOCS = {
     "boolq": [
-        {"passage": "Water boils at 100 degrees Celsius at sea level.", "question": "does water boil at 100 degrees celsius", "label": 1, "idx": 0},
+        {"passage": "Water boils at 100 degrees Celsius at sea level.",
+         "question": "does water boil at 100 degrees celsius", "label": 1, "idx": 0},
         {"passage": "The Moon orbits the Earth.", "question": "does the earth orbit the moon", "label": 0, "idx": 1},
         {"passage": "Cats are mammals.", "question": "are cats mammals", "label": 1, "idx": 2},
     ],
@@ -1163,23 +1245,29 @@ DOCS = {
         {"goal": "Open a locked door", "sol1": "use the key.", "sol2": "use a spoon.", "label": 0},
     ],
     "hellaswag": [
-        {"ind": 0, "activity_label": "Home and Garden", "ctx_a": "[header] How to grow basil [title] Pick a sunny spot.",
+        {"ind": 0, "activity_label": "Home and Garden",
+         "ctx_a": "[header] How to grow basil [title] Pick a sunny spot.",
          "ctx_b": "Basil LOVES light", "label": "2",
-         "endings": ["[title] Water it daily.", "and dies.", "so water it. [substeps] Use a can.", "Basil   is green."]},
+         "endings": ["[title] Water it daily.", "and dies.", "so water it. [substeps] Use a can.",
+                     "Basil   is green."]},
         {"ind": 1, "activity_label": "Cooking", "ctx_a": "A man cracks two eggs into a bowl.", "ctx_b": "he",
          "label": "0", "endings": ["whisks them with a fork.", "paints the wall.", "drives away.", "sings loudly."]},
         {"ind": 2, "activity_label": "Running", "ctx_a": "A woman ties her shoes.", "ctx_b": "she",
          "label": "1", "endings": ["eats a shoe.", "starts running down the road.", "falls asleep.", "reads a map."]},
     ],
     "winogrande": [
-        {"sentence": "The trophy didn't fit in the suitcase because the _ was too big.", "option1": "trophy", "option2": "suitcase", "answer": "1"},
-        {"sentence": "Anna gave Maria a gift because _ was having a birthday.", "option1": "Anna", "option2": "Maria", "answer": "2"},
-        {"sentence": "The glass fell on the pillow and the _ did not break.", "option1": "glass", "option2": "pillow", "answer": "1"},
+        {"sentence": "The trophy didn't fit in the suitcase because the _ was too big.",
+         "option1": "trophy", "option2": "suitcase", "answer": "1"},
+        {"sentence": "Anna gave Maria a gift because _ was having a birthday.",
+         "option1": "Anna", "option2": "Maria", "answer": "2"},
+        {"sentence": "The glass fell on the pillow and the _ did not break.",
+         "option1": "glass", "option2": "pillow", "answer": "1"},
     ],
     "arc_easy": [
         {"id": "e0", "question": "Which gas do plants take in from the air?", "answerKey": "B",
          "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}},
-        {"id": "e1", "question": "What melts ice?", "answerKey": "1", "choices": {"text": ["heat", "cold", "dark"], "label": ["1", "2", "3"]}},
+        {"id": "e1", "question": "What melts ice?", "answerKey": "1",
+         "choices": {"text": ["heat", "cold", "dark"], "label": ["1", "2", "3"]}},
         {"id": "e2", "question": "How many legs does a spider have?", "answerKey": "C",
          "choices": {"text": ["four", "six", "eight", "ten"], "label": ["A", "B", "C", "D"]}},
     ],
@@ -1223,8 +1311,9 @@ def tokenizer(tokenizer_dir):
 def tiny(tokenizer, tmp_path_factory):
     """A random Llama with SmolLM2's vocabulary, and a folder holding it with the tokenizer."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=49152, max_position_embeddings=256)).eval()
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                                         max_position_embeddings=256)).eval()
     d = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)
@@ -1241,11 +1330,13 @@ def hub_layouts():
     choices = {"text": List(S), "label": List(S)}  # the Hub's sequence of {text, label}: a struct of two lists
     arc = Features(id=S, question=S, choices=choices, answerKey=S)
     calib, train, _ = losa.pydoc_slices()
-    alpaca = [{"instruction": f"Explain part {i}.", "input": "", "output": train[300 * i : 300 * i + 200]} for i in range(3)]
+    alpaca = [{"instruction": f"Explain part {i}.", "input": "", "output": train[300 * i : 300 * i + 200]}
+              for i in range(3)]
     return {
         "boolq": ("boolq/validation-00000-of-00001.parquet", DOCS["boolq"],
                   Features(question=S, passage=S, idx=Value("int32"), label=ClassLabel(names=["False", "True"]))),
-        "piqa": ("data/validation-00000-of-00001.parquet", DOCS["piqa"], Features(goal=S, sol1=S, sol2=S, label=Value("int64"))),
+        "piqa": ("data/validation-00000-of-00001.parquet", DOCS["piqa"],
+                 Features(goal=S, sol1=S, sol2=S, label=Value("int64"))),
         "hellaswag": ("data/validation-00000-of-00001.parquet", DOCS["hellaswag"],
                       Features(ind=Value("int32"), activity_label=S, ctx_a=S, ctx_b=S, endings=List(S), label=S)),
         "winogrande": ("winogrande_xl/validation-00000-of-00001.parquet", DOCS["winogrande"],
@@ -1255,7 +1346,8 @@ def hub_layouts():
         "openbookqa": ("main/test-00000-of-00001.parquet", DOCS["openbookqa"],
                        Features(id=S, question_stem=S, choices=choices, answerKey=S)),
         "wikitext2": ("wikitext-2-raw-v1/test-00000-of-00001.parquet",
-                      [{"text": t} for t in ["", " = Assignment = ", ""] + topics["assignment"][:3000].split("\n\n")], Features(text=S)),
+                      [{"text": t} for t in ["", " = Assignment = ", ""] + topics["assignment"][:3000].split("\n\n")],
+                      Features(text=S)),
         "alpaca-gpt4": ("data/train-00000-of-00001-6ef3991c06080e14.parquet",
                         [{**r, "text": losa.ALPACA[False].format(**r)} for r in alpaca],
                         Features(instruction=S, input=S, output=S, text=S)),
@@ -1271,6 +1363,7 @@ def hub_copy(tmp_path, monkeypatch):
     has several configs, a README.md whose YAML `configs:` maps each config to its files. Only the
     split the project uses is there, so a wrong id, config, split, field or type cannot load."""
     import gzip
+
     from datasets import Dataset
     root, cards = tmp_path / "hub", {}
     for name, (path, rows, features) in hub_layouts().items():
@@ -1284,9 +1377,11 @@ def hub_copy(tmp_path, monkeypatch):
             Dataset.from_list(rows, features=features).to_parquet(str(f))
         if "/" in path and not path.startswith(("data/", "en/")) or name == "hellaswag":
             cards.setdefault(hub.id, []).append(f"- config_name: {hub.config or 'default'}\n  data_files:\n"
-                                                f"  - split: {hub.split}\n    path: {os.path.dirname(path)}/{hub.split}-*\n")
+                                                f"  - split: {hub.split}\n"
+                                                f"    path: {os.path.dirname(path)}/{hub.split}-*\n")
+    # more configs of the same repositories (their files left out)
     others = {"aps/super_glue": "cb", "allenai/winogrande": "winogrande_debiased", "allenai/openbookqa": "additional",
-              "Salesforce/wikitext": "wikitext-103-raw-v1"}  # more configs of the same repositories (their files left out)
+              "Salesforce/wikitext": "wikitext-103-raw-v1"}
     for repo, config in others.items():
         cards[repo].append(f"- config_name: {config}\n  data_files:\n  - split: test\n    path: {config}/test-*\n")
     for repo, configs in cards.items():
@@ -1317,7 +1412,8 @@ def test_a_wrong_hub_entry_does_not_load(hub_copy, monkeypatch, change):
 def test_the_clis_default_data_come_from_the_hub_table(hub_copy, tiny_run, tiny, capsys):
     tmp, base = tiny_run
     out = tmp / "eval.json"
-    ev.main(["--model", tiny[1], "--tasks", "wikitext2,winogrande,arc_easy,boolq", "--seqlen", "16", "--output", str(out)])
+    ev.main(["--model", tiny[1], "--tasks", "wikitext2,winogrande,arc_easy,boolq", "--seqlen", "16",
+             "--output", str(out)])
     res = json.loads(out.read_text())["results"]
     assert res["winogrande"]["n"] == res["arc_easy"]["n"] == res["boolq"]["n"] == 3 and res["wikitext2"]["windows"] > 0
     args = base[:]
@@ -1332,7 +1428,8 @@ def test_the_clis_default_data_come_from_the_hub_table(hub_copy, tiny_run, tiny,
 
 def test_eval_boolq_prompt():
     reqs, gold = ev.build_requests("boolq", DOCS["boolq"][0])
-    ctx = "Water boils at 100 degrees Celsius at sea level.\nQuestion: does water boil at 100 degrees celsius?\nAnswer:"
+    ctx = ("Water boils at 100 degrees Celsius at sea level.\n"
+           "Question: does water boil at 100 degrees celsius?\nAnswer:")
     assert reqs == [(ctx, " no"), (ctx, " yes")] and gold == 1
 
 
@@ -1372,7 +1469,8 @@ def test_eval_arc_prompt():
 
 def test_eval_openbookqa_prompt():
     reqs, gold = ev.build_requests("openbookqa", DOCS["openbookqa"][0])
-    assert reqs == [("The sun is responsible for", " " + t) for t in ["puppies", "rainbows only", "night", "plants growing"]]
+    assert reqs == [("The sun is responsible for", " " + t)
+                    for t in ["puppies", "rainbows only", "night", "plants growing"]]
     assert gold == 3  # answerKey "D " is stripped
 
 
@@ -1427,7 +1525,8 @@ def direct_loglikelihood(model, tokenizer, context, continuation, max_length):
 
 
 REQUESTS = [("Question: what is two plus two?\nAnswer:", " four"), ("The cat", " sat on the mat."),
-            ("A", " b"), ("Once upon a time there was a very long story about a dragon and", " a knight who fought it bravely"),
+            ("A", " b"),
+            ("Once upon a time there was a very long story about a dragon and", " a knight who fought it bravely"),
             ("Hello ", "world"), ("x=", "=y"), ("The sky is", " blue")]
 
 
@@ -1480,10 +1579,12 @@ def test_eval_perplexity_with_bos_matches_window_loop(tiny):
 
 
 def test_eval_cli_default_window_and_window_bos(tokenizer, tmp_path, monkeypatch):
-    """No --seqlen: min(max_position_embeddings, 4096); --window-bos: BOS + seqlen - 1 tokens, text without specials."""
+    """No --seqlen: min(max_position_embeddings, 4096); --window-bos: BOS + seqlen - 1 tokens, text without
+    specials."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                         num_key_value_heads=1, vocab_size=49152, max_position_embeddings=8192)).eval()
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=49152,
+                                         max_position_embeddings=8192)).eval()
     monkeypatch.setattr(ev, "load_model", lambda *a: (model, tokenizer))
     text = losa.pydoc_slices()[2][:40000]
     (tmp_path / "wikitext2.jsonl").write_text(json.dumps({"text": text}) + "\n")
@@ -1493,7 +1594,8 @@ def test_eval_cli_default_window_and_window_bos(tokenizer, tmp_path, monkeypatch
         ev.main(["--model", "m", "--tasks", "wikitext2", "--data-dir", str(tmp_path), "--output", str(out)] + extra)
         results[bool(extra)] = json.loads(out.read_text())["results"]["wikitext2"]
     ids = tokenizer(text, return_tensors="pt").input_ids
-    assert results[False] == {"ppl": pytest.approx(ev.perplexity(model, ids, 4096), rel=1e-5), "windows": ids.numel() // 4096}
+    assert results[False] == {"ppl": pytest.approx(ev.perplexity(model, ids, 4096), rel=1e-5),
+                              "windows": ids.numel() // 4096}
     bare = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     want = ev.perplexity(model, bare, 64, bos=tokenizer.bos_token_id)
     assert results[True] == {"ppl": pytest.approx(want, rel=1e-5), "windows": bare.numel() // 63}
@@ -1515,7 +1617,8 @@ def test_eval_cli_smollm2(smollm2, tmp_path):
            "--seqlen", "256", "--batch-size", "8", "--output", str(out), "--log-samples"]
     p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    for col in ["BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA", "Mean", "WikiText-2 PPL", "acc_norm"]:
+    for col in ["BoolQ", "PIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA", "Mean", "WikiText-2 PPL",
+                "acc_norm"]:
         assert col in p.stdout
     res = json.loads(out.read_text())
     assert set(res) == {"results", "samples"} and set(res["results"]) == {"wikitext2", *DOCS}
@@ -1543,10 +1646,12 @@ def bad_cases(tiny_dir, d):
         "limit": (["--model", tiny_dir, "--limit", "0"], "--limit"),
         "missing file": (["--model", tiny_dir, "--data-dir", d + "/nope", "--tasks", "piqa"], "piqa.jsonl"),
         "missing field": (["--model", tiny_dir, "--data-dir", d + "/bad", "--tasks", "hellaswag"], "ctx_b"),
-        "missing nested field": (["--model", tiny_dir, "--data-dir", d + "/bad", "--tasks", "arc_easy"], "choices.label"),
+        "missing nested field": (["--model", tiny_dir, "--data-dir", d + "/bad", "--tasks", "arc_easy"],
+                                 "choices.label"),
         "missing text": (["--model", tiny_dir, "--data-dir", d + "/bad", "--tasks", "wikitext2"], "text"),
         "no model folder": (["--model", d + "/empty", "--data-dir", d + "/good", "--tasks", "piqa"], "empty"),
-        "no gguf file": (["--model", d + "/missing.gguf", "--data-dir", d + "/good", "--tasks", "piqa"], "missing.gguf"),
+        "no gguf file": (["--model", d + "/missing.gguf", "--data-dir", d + "/good", "--tasks", "piqa"],
+                         "missing.gguf"),
     }
 
 
@@ -1577,9 +1682,11 @@ def test_eval_bad_input_exits_2(case, tiny, bad_dirs, capsys):
 
 def test_eval_bad_input_subprocess_has_no_traceback(tmp_path):
     out = tmp_path / "out.json"
-    p = subprocess.run([sys.executable, "eval.py", "--model", str(tmp_path), "--tasks", "piqa", "--data-dir", str(tmp_path),
-                        "--output", str(out)], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"eval.py: error: missing data file {tmp_path}/piqa.jsonl"]
+    p = subprocess.run([sys.executable, "eval.py", "--model", str(tmp_path), "--tasks", "piqa",
+                        "--data-dir", str(tmp_path), "--output", str(out)],
+                       cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert (p.returncode == 2
+            and p.stderr.strip().splitlines() == [f"eval.py: error: missing data file {tmp_path}/piqa.jsonl"])
     assert not out.exists()
 
 
@@ -1617,7 +1724,8 @@ def assert_figure_matches(fig, report):
 def test_the_figure_carries_the_reports_values(tiny_run, capsys):
     tmp, base = tiny_run
     for name, extra, words in (("unstructured", ["--sparsity", "0.5"], "wanda, S = 0.5, T = 2"),
-                               ("nm", ["--pruner", "sparsegpt", "--pattern", "2:4", "--no-finetune"], "sparsegpt, 2:4, T = 2")):
+                               ("nm", ["--pruner", "sparsegpt", "--pattern", "2:4", "--no-finetune"],
+                                "sparsegpt, 2:4, T = 2")):
         out = tmp / name
         assert run_cli(base + extra + ["--out", str(out)]) == 0
         report, png = json.loads((out / "losa_report.json").read_text()), out / "losa_report.png"
@@ -1650,7 +1758,9 @@ def test_without_matplotlib_a_run_skips_only_the_figure(tiny_run, capsys, monkey
     capsys.readouterr()  # transformers' loading bar
     bad = tmp / "bad.json"
     bad.write_text('{"steps": []}')
-    for report, words in ((out / "losa_report.json", "needs matplotlib"), (tmp / "missing.json", "cannot draw"), (bad, "cannot draw")):
+    for report, words in ((out / "losa_report.json", "needs matplotlib"),
+                          (tmp / "missing.json", "cannot draw"),
+                          (bad, "cannot draw")):
         if words == "cannot draw":
             monkeypatch.undo()
         assert run_cli(["--plot", str(report)]) == 2
