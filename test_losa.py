@@ -1794,18 +1794,23 @@ def test_two_processes_compare_as_one(tiny_run, monkeypatch):
     assert_close_tree(r1, r2)
 
 
-BAD_UNDER_TORCHRUN = [(["--grad-accum", "3"], "--grad-accum 3 is not a multiple of the 2 processes"),
-                      (["--sparsity", "1.5"], "--sparsity must be in [0, 1)")]
+STOPS_UNDER_TORCHRUN = {  # flags -> (the error, every process's exit code)
+    "grad-accum not a multiple": (["--grad-accum", "3"], "--grad-accum 3 is not a multiple of the 2 processes", 2),
+    "sparsity": (["--sparsity", "1.5"], "--sparsity must be in [0, 1)", 2),
+    "non-finite loss": (["--steps", "1", "--train-samples", "32", "--lr", "1e30"], "non-finite loss at step 1", 1),
+}
 
 
-@pytest.mark.parametrize("flag, words", BAD_UNDER_TORCHRUN)
-def test_two_processes_refuse_bad_flags_once(flag, words, tiny_run):
-    """Both processes exit 2 (torchrun reports process 0's code; it stops the other, which waited for process 0 to
-    say why); one line on stderr; nothing written."""
+@pytest.mark.parametrize("case", STOPS_UNDER_TORCHRUN)
+def test_two_processes_stop_together_and_say_why_once(case, tiny_run):
+    """Bad flags (exit 2) or a loss that is not finite (exit 1, the loss being summed over the processes first):
+    both processes stop, one line on stderr, nothing written. torchrun reports process 0's exit code and stops
+    the other, which waited for process 0 to say why."""
     tmp, base = tiny_run
-    done = torchrun(base + ["--grad-accum", "2", *flag, "--out", str(tmp / "out")], tmp)
+    flags, words, code = STOPS_UNDER_TORCHRUN[case]
+    done = torchrun(base + ["--grad-accum", "2", *flags, "--out", str(tmp / "out")], tmp)
     said = [l for l in done.stderr.splitlines() if l.startswith("losa.py: error:")]
     assert done.returncode != 0 and len(said) == 1 and words in said[0], done.stderr[-3000:]
     codes = [int(l.split(":")[1].split()[0]) for l in done.stderr.splitlines() if l.strip().startswith("exitcode")]
-    assert "exitcode  : 2 " in done.stderr.split("Root Cause")[1] and set(codes) <= {2, -15}
+    assert f"exitcode  : {code} " in done.stderr.split("Root Cause")[1] and set(codes) <= {code, -15}
     assert not list(tmp.glob("out*"))
