@@ -1078,11 +1078,12 @@ def init_processes(device):
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
-        sys.stdout = open(os.devnull, "w")
+        sys.stdout = open(os.devnull, "w")  # process 0 alone prints
     return device
 
 
 def barrier():
+    """Under torchrun: waits for every process."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -1133,9 +1134,9 @@ def own_dropout_stream(seed):
 
 
 def end_processes():
-    """Waits until process 0 has written its output, then leaves the group."""
+    """Under torchrun: waits until process 0 has written its output, then leaves the group."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 

@@ -1814,3 +1814,18 @@ def test_two_processes_stop_together_and_say_why_once(case, tiny_run):
     codes = [int(l.split(":")[1].split()[0]) for l in done.stderr.splitlines() if l.strip().startswith("exitcode")]
     assert f"exitcode  : {code} " in done.stderr.split("Root Cause")[1] and set(codes) <= {code, -15}
     assert not list(tmp.glob("out*"))
+
+
+def test_micro_batches_are_dealt_round_robin_and_grad_accum_divides(monkeypatch, tiny_run):
+    """Process k of 2 takes micro-batches k, k + 2, ...; a step's short last update leaves process 1 none."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        shares[rank] = [losa.my_share(list(range(n))) for n in (4, 3, 1)]
+    assert shares == {0: [[0, 2], [0, 2], [0]], 1: [[1, 3], [1], []]}
+    tmp, base = tiny_run
+    args = lambda: losa.build_parser().parse_args(base + ["--grad-accum", "3", "--out", str(tmp / "out")])
+    with pytest.raises(ValueError, match="--grad-accum 3 is not a multiple of the 2 processes"):
+        losa.validate(args(), 2)
+    assert losa.validate(args(), 3).grad_accum == 3
