@@ -1796,3 +1796,153 @@ def test_sparse_projections_give_the_dense_logits_and_hold_exactly_the_non_zeros
         with torch.no_grad():
             out = sparse(ids).logits
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------------
+# several processes (torchrun): two CPU processes on gloo against one process, same flags
+
+
+def torchrun(args, cwd):
+    """`python -m torch.distributed.run --standalone --nproc-per-node 2 losa.py args`, one thread per process;
+    matplotlib hidden (the figure is tested elsewhere and costs seconds)."""
+    (cwd / "no_matplotlib" / "matplotlib").mkdir(parents=True, exist_ok=True)
+    (cwd / "no_matplotlib" / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           os.path.join(HERE, "losa.py"), *args]
+    path = os.pathsep.join([str(cwd / "no_matplotlib"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_one_thread(args, monkeypatch):
+    """run_cli on one thread, as each of torchrun's processes runs (the same kernels, so the same zero patterns)."""
+    monkeypatch.setattr(losa, "plot_report", lambda report, path: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_cli(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_close_tree(a, b, rel=1e-4, where="", skip=("seconds", "machine", "command")):
+    """Two reports (dicts, lists, numbers, strings) equal, numbers within `rel` relative."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            if k not in skip:
+                assert_close_tree(a[k], b[k], rel, f"{where}.{k}", skip)
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close_tree(x, y, rel, f"{where}[{i}]", skip)
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert b == pytest.approx(a, rel=rel, abs=1e-12), where
+    else:
+        assert a == b, where
+
+
+def assert_same_sparse_model(one, two, rel=1e-4):
+    """Every projection of two saved models: the same zeros in every row (the same pattern), weights within rel."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].dim() == 2:
+            assert torch.equal((a[k] == 0).sum(1), (b[k] == 0).sum(1)) and torch.equal(a[k] == 0, b[k] == 0), k
+        torch.testing.assert_close(b[k], a[k], rtol=rel, atol=rel * a[k].abs().max().item())
+
+
+def one_folder(tmp, out):
+    """The run wrote `out` alone beside it: no staging folder (.tmp-<pid>) of either process is left."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(out.name)) == [out.name]
+
+
+# 24 examples: micro-batches of 1, updates of 4 (2 per process): step 1 has 9 (4, 4, 1: process 1 gets none of the
+# last), step 2 has 15 (4, 4, 4, 3); no dropout, so that one process and two draw nothing different
+DDP_FLAGS = ["--train-samples", "24", "--batch-size", "1", "--grad-accum", "4", "--lora-dropout", "0", "--lr", "1e-2"]
+
+
+def assert_trained(report):
+    """Three updates, then four, that moved the loss (the first update of each step runs at lr 0)."""
+    losses = [s["train_loss"] for s in report["steps"]]
+    assert [len(v) for v in losses] == [3, 4] and losses[1][-1] < losses[0][0] - 0.05
+
+
+def test_two_processes_prune_and_finetune_phi3_as_one(tiny_run, tokenizer_dir, monkeypatch):
+    """Phi-3 fuses q, k, v and gate, up. Both processes prune on every calibration window: the zero pattern of
+    every projection is a one-process run's; the gradients summed over the processes give its weights and
+    per-update losses."""
+    tmp, base = tiny_run
+    tiny_family("phi3", tmp / "phi3", tokenizer_dir)
+    base = base + ["--model", str(tmp / "phi3")]
+    one, two = tmp / "one", tmp / "two"
+    assert run_one_thread(base + DDP_FLAGS + ["--out", str(one)], monkeypatch) == 0
+    done = torchrun(base + DDP_FLAGS + ["--out", str(two)], tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saved to") == 1 and one_folder(tmp, two)
+    assert_same_sparse_model(one, two)
+    r1, r2 = (json.loads((d / "losa_report.json").read_text()) for d in (one, two))
+    assert_trained(r2)
+    assert_close_tree(r1, r2)  # every per-update loss, sparsity, rank and error
+    assert (r1["machine"]["processes"], r1["machine"]["backend"]) == (1, None)
+    assert (r2["machine"]["processes"], r2["machine"]["backend"], r2["machine"]["threads"]) == (2, "gloo", 1)
+
+
+def test_two_processes_compare_as_one(tiny_run, monkeypatch):
+    """--compare under two processes, on the tiny Llama: one compare.json, its rows those of one process; the
+    saved LoSA model and its report, too."""
+    tmp, base = tiny_run
+    write_data(tmp / "data")
+    flags = base + DDP_FLAGS + ["--compare", "--rows", "losa", "--data-dir", str(tmp / "data"),
+                                "--tasks", "wikitext2,piqa", "--eval-seqlen", "128"]
+    one, two = tmp / "one", tmp / "two"
+    assert run_one_thread(flags + ["--out", str(one)], monkeypatch) == 0
+    done = torchrun(flags + ["--out", str(two)], tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compare.json saved to") == 1 and one_folder(tmp, two)
+    c1, c2 = (json.loads((d / "compare.json").read_text()) for d in (one, two))
+    assert [r["name"] for r in c2["rows"]] == ["dense", "losa"]
+    assert_close_tree(c1["rows"], c2["rows"]) and assert_close_tree(c1["summary"], c2["summary"])
+    assert c2["machine"]["processes"] == 2
+    assert_same_sparse_model(one, two)
+    r1, r2 = (json.loads((d / "losa_report.json").read_text()) for d in (one, two))
+    assert_trained(r2)
+    assert_close_tree(r1, r2)
+
+
+STOPS_UNDER_TORCHRUN = {  # flags -> (the error, every process's exit code); every bad flag takes the first's path
+    "grad-accum not a multiple": (["--grad-accum", "3"], "--grad-accum 3 is not a multiple of the 2 processes", 2),
+    "non-finite loss": (["--steps", "1", "--train-samples", "32", "--lr", "1e30"], "non-finite loss at step 1", 1),
+}
+
+
+@pytest.mark.parametrize("case", STOPS_UNDER_TORCHRUN)
+def test_two_processes_stop_together_and_say_why_once(case, tiny_run):
+    """Bad flags (exit 2) or a loss that is not finite (exit 1, the loss being summed over the processes first):
+    both processes stop, one line on stderr, nothing written. torchrun reports process 0's exit code and stops
+    the other, which waited for process 0 to say why."""
+    tmp, base = tiny_run
+    flags, words, code = STOPS_UNDER_TORCHRUN[case]
+    done = torchrun(base + ["--grad-accum", "2", *flags, "--out", str(tmp / "out")], tmp)
+    said = [l for l in done.stderr.splitlines() if l.startswith("losa.py: error:")]
+    assert done.returncode != 0 and len(said) == 1 and words in said[0], done.stderr[-3000:]
+    codes = [int(l.split(":")[1].split()[0]) for l in done.stderr.splitlines() if l.strip().startswith("exitcode")]
+    assert f"exitcode  : {code} " in done.stderr.split("Root Cause")[1] and set(codes) <= {code, -15}
+    assert not list(tmp.glob("out*"))
+
+
+def test_micro_batches_are_dealt_round_robin_and_grad_accum_divides(monkeypatch, tiny_run):
+    """Process k of 2 takes micro-batches k, k + 2, ...; a step's short last update leaves process 1 none."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        shares[rank] = [losa.my_share(list(range(n))) for n in (4, 3, 1)]
+    assert shares == {0: [[0, 2], [0, 2], [0]], 1: [[1, 3], [1], []]}
+    tmp, base = tiny_run
+    args = lambda: losa.build_parser().parse_args(base + ["--grad-accum", "3", "--out", str(tmp / "out")])
+    with pytest.raises(ValueError, match="--grad-accum 3 is not a multiple of the 2 processes"):
+        losa.validate(args(), 2)
+    assert losa.validate(args(), 3).grad_accum == 3
