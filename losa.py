@@ -1032,10 +1032,13 @@ def format_rows(summary):
     return "\n".join(lines)
 
 
-def saved_table(path):
-    """The table a comparison printed, from its saved compare.json (--table)."""
+def saved_table(path, names=None, seeds=None):
+    """The table a comparison printed, from its saved compare.json (--table); `names`, `seeds`: only those rows,
+    as a run of those rows and seeds alone prints them."""
     with open(path, encoding="utf-8") as f:
-        return format_rows(summarize(json.load(f)["rows"]))
+        rows = json.load(f)["rows"]
+    rows = [r for r in rows if (names is None or r["name"] in names) and (seeds is None or r["seed"] in seeds)]
+    return format_rows(summarize(rows))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1231,7 +1234,8 @@ def build_parser():
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
       help="auto: bfloat16 on GPU, float32 on CPU")
     a("--plot", metavar="REPORT", help="only redraw the figure of a saved losa_report.json, as a .png beside it")
-    a("--table", metavar="COMPARE", help="only print the table of a saved compare.json, as the run printed it")
+    a("--table", metavar="COMPARE", help="only print the table of a saved compare.json, as the run printed it "
+      "(with --rows, --seeds: only those)")
     return p
 
 
@@ -1515,10 +1519,11 @@ def redraw(report_path):
     print(f"figure written to {png}")
 
 
-def print_table(path):
-    """--table: the table of a saved compare.json."""
+def print_table(args):
+    """--table: the table of a saved compare.json, its --rows and --seeds only if given."""
+    path, names = args.table, args.rows and ["dense", *args.rows.split(",")]
     try:
-        print(saved_table(path))
+        print(saved_table(path, names, args.seeds and [int(v) for v in args.seeds.split(",")]))
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         fail(f"--table: cannot read {path}: {type(e).__name__}: {e}")
 
@@ -1563,7 +1568,7 @@ def main(argv=None):
     if args.plot is not None:
         return redraw(args.plot) if is_main() else None  # under torchrun, process 0 alone
     if args.table is not None:
-        return print_table(args.table) if is_main() else None
+        return print_table(args) if is_main() else None
     args.device = init_processes(args.device)  # torchrun: join the other processes
     try:
         validate(args, world()[1])

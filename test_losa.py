@@ -11,7 +11,7 @@ import os
 import random
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from fractions import Fraction
 from pydoc_data.topics import topics
 
@@ -1946,3 +1946,138 @@ def test_micro_batches_are_dealt_round_robin_and_grad_accum_divides(monkeypatch,
     with pytest.raises(ValueError, match="--grad-accum 3 is not a multiple of the 2 processes"):
         losa.validate(args(), 2)
     assert losa.validate(args(), 3).grad_accum == 3
+# rank rules: which reconstruction error the ranks follow
+
+
+def direct_error(before, after):
+    """(1/d) sum_c sum_{n,t} (before - after)^2 / sum_{n,t} before^2, in float64: the E_l formula, written out."""
+    before, after = before.double().reshape(-1, before.shape[-1]), after.double().reshape(-1, after.shape[-1])
+    return (((before - after) ** 2).sum(0) / (before**2).sum(0)).mean().item()
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_local_error_is_each_blocks_own_pruning_error_in_float64(pruner):
+    """Block l before against after pruning, on the pruned model's own inputs to block l: the inputs from the
+    pruned model's own forward, both outputs from models that differ from it only in block l, all in float64."""
+    layers = 5
+    original = tiny_llama(layers=layers).double()
+    model = copy.deepcopy(original).float()
+    ids = torch.randint(0, 1000, (6, 24), generator=torch.Generator().manual_seed(3))
+    x, kw = losa.capture_block_inputs(model, ids)
+    local = []
+    losa.prune_blocks(model, x, kw, [0.5, 0.6, 0.4, 0.5, 0.6], pruner, None, losa.dense_weights(model), None, local)
+    pruned = copy.deepcopy(model).double()
+    hidden = lambda m: torch.no_grad()(m)(ids, output_hidden_states=True, use_cache=False).hidden_states
+    after = hidden(pruned)
+    for l in range(layers - 1):  # hidden_states[L] has the final norm applied: blocks 0 .. L-2
+        hybrid = copy.deepcopy(pruned)
+        hybrid.model.layers[l].load_state_dict(original.model.layers[l].state_dict())  # block l before pruning
+        before = hidden(hybrid)
+        assert torch.equal(before[l], after[l])  # the same pruned-stream inputs
+        assert local[l] == pytest.approx(direct_error(before[l + 1], after[l + 1]), rel=1e-4)
+    assert all(e > 0 for e in local)
+
+
+def test_error_increments_and_the_released_cap_on_hand_made_errors():
+    cfg = losa.Settings()
+    assert losa.error_increments([1.0, 3.0, 2.0, 6.0]) == [1.0, 2.0, 0.0, 4.0]  # max(E_l - E_{l-1}, 0), E_0 = 0
+    # increments 1, 2, 0, 4 of 7 at Omega 6, L 4: round(24 e / 7) = 3, 7, 0 -> 1, 14 (sum 25); the lowest error
+    # above r_min gives one back: 2, 7, 1, 14
+    inc = replace(cfg, rank_rule="increment")
+    assert losa.step_ranks([1.0, 3.0, 2.0, 6.0], None, 6, inc, 1) == [2, 7, 1, 14]
+    # 1, 1, 1, 10 of 13: round(24 e / 13) = 2, 2, 2, 18 -> 16 (sum 22); the highest errors below r_max get one
+    # more each: 2, 3, 3, 16 (the paper's); capped at 8 as the released code's r = 8 slices: 2, 3, 3, 8
+    assert losa.step_ranks([1.0, 1.0, 1.0, 10.0], None, 6, cfg, 1) == [2, 3, 3, 16]
+    capped = replace(cfg, rank_rule="released-cap")
+    assert losa.step_ranks([1.0, 1.0, 1.0, 10.0], None, 6, capped, 1) == [2, 3, 3, 8]
+    local = replace(cfg, rank_rule="local")
+    assert losa.step_ranks([1.0, 1.0, 1.0, 10.0], [10.0, 1.0, 1.0, 1.0], 6, local, 1) == [16, 2, 3, 3]
+    uniform = replace(cfg, rank_rule="increment", rank_alloc=False)
+    assert losa.step_ranks([1.0, 3.0, 2.0, 6.0], None, 6, uniform, 1) == [6] * 4
+
+
+def test_shuffled_ranks_are_a_seeded_permutation_of_the_papers():
+    errors = [0.1 * (l + 1) ** 2 for l in range(30)]
+    paper = losa.step_ranks(errors, None, 8, losa.Settings(), 3)
+    shuffled = lambda seed, t: losa.step_ranks(errors, None, 8, losa.Settings(rank_rule="shuffled", seed=seed), t)
+    assert sorted(shuffled(0, 3)) == sorted(paper) and sum(shuffled(0, 3)) == sum(paper) == 8 * 30
+    assert shuffled(0, 3) == shuffled(0, 3) and shuffled(1, 3) == shuffled(1, 3)  # fixed by the seed
+    assert len({tuple(shuffled(s, t)) for s in range(3) for t in (1, 2)} | {tuple(paper)}) == 7  # all differ
+
+
+def test_cli_rank_rule_rows_share_the_data_and_follow_their_errors(tiny_run, capsys):
+    """--compare --rows of every rank rule: one compare.json; each row's ranks follow its own rule from the
+    errors it reports, the local row reports its local errors, the table prints every row."""
+    tmp, base = tiny_run
+    out = tmp / "cmp"
+    rows = ["losa", "losa_no_rank_alloc", *[f"losa_rank_{r.replace('-', '_')}" for r in losa.RANK_RULES[1:]]]
+    args = base + ["--sparsity", "0.6", "--compare", "--rows", ",".join(rows), "--ppl-text", str(tmp / "calib.txt"),
+                   "--data-dir", str(tmp), "--tasks", "wikitext2", "--out", str(out)]
+    (tmp / "wikitext2.jsonl").write_text(json.dumps({"text": topics["if"][:3000]}))
+    assert run_cli(args) == 0
+    printed = "| Method" + capsys.readouterr().out.split("| Method")[1].split("\n\n")[0]
+    result = json.loads((out / "compare.json").read_text())
+    assert run_cli(["--table", str(out / "compare.json")]) == 0
+    assert capsys.readouterr().out.strip() == printed  # --table prints what the run printed
+    assert run_cli(["--table", str(out / "compare.json"), "--rows", "losa"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == printed.splitlines()[:4]  # dense, losa
+    assert result["command"].startswith("python losa.py --model") and result["seconds"] > 0
+    by = {r["name"]: r for r in result["rows"]}
+    assert set(by) == {"dense", *rows}
+    for name, r in by.items():
+        if name == "dense":
+            continue
+        cfg = losa.Settings(**{**r["settings"], "nm": None, "shares": tuple(r["settings"]["shares"])})
+        for step in r["steps"]:
+            omega = cfg.mean_rank + step["step"] - 1
+            local = step.get("local_error")
+            assert (local is not None) == (name == "losa_rank_local")
+            assert step["ranks"] == losa.step_ranks(step["reconstruction_error"], local, omega, cfg, step["step"])
+    assert by["losa_rank_released_cap"]["steps"][0]["ranks"] == [min(r, 8) for r in by["losa"]["steps"][0]["ranks"]]
+    assert by["losa_no_rank_alloc"]["steps"][1]["ranks"] == [7] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# the README: its tables are what their results/ files print
+
+
+def readme_blocks(kind):
+    """(path, the lines after each `<!-- kind: path -->` marker up to the first blank line) in README.md."""
+    lines = open(os.path.join(HERE, "README.md"), encoding="utf-8").read().splitlines()
+    marker = f"<!-- {kind}: "
+    blocks = []
+    for i, line in enumerate(lines):
+        if line.startswith(marker):
+            end = next((j for j in range(i + 1, len(lines)) if not lines[j].strip()), len(lines))
+            blocks.append((line[len(marker) : -len(" -->")], lines[i + 1 : end]))
+    return blocks
+
+
+def test_every_readme_comparison_table_is_what_its_results_file_prints():
+    blocks = readme_blocks("table")
+    assert len(blocks) >= 2
+    for spec, table in blocks:
+        path, *flags = spec.split()  # a path, then --rows and --seeds where the table shows some rows only
+        opts = dict(zip(flags[::2], flags[1::2]))
+        names = opts.get("--rows") and ["dense", *opts["--rows"].split(",")]
+        seeds = opts.get("--seeds") and [int(v) for v in opts["--seeds"].split(",")]
+        full = os.path.join(HERE, path)
+        assert os.path.isfile(full), path
+        assert "\n".join(table) == losa.saved_table(full, names, seeds), spec
+        saved = json.load(open(full, encoding="utf-8"))
+        assert saved["command"].startswith("python losa.py") and saved["seconds"] > 0 and saved["machine"]["device"]
+
+
+def test_every_readme_benchmark_block_is_in_its_results_file():
+    blocks = readme_blocks("file")
+    assert len(blocks) >= 2
+    for path, block in blocks:
+        text = open(os.path.join(HERE, path), encoding="utf-8").read()
+        assert text.startswith("command: python bench.py") and "\nmachine: " in text, path
+        for line in block:
+            if not line.startswith("```"):
+                assert line in text.splitlines(), (path, line)
+
+
+def test_the_readme_is_read_in_one_sitting():
+    assert os.path.getsize(os.path.join(HERE, "README.md")) <= 25_000  # bytes, as wc -c counts
