@@ -23,7 +23,6 @@ matrices and a dense stream instead of stored features and outputs (host memory 
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare
 """
 import argparse
-import datetime
 import itertools
 import json
 import math
@@ -34,12 +33,11 @@ import shutil
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -428,8 +426,7 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None, 
     sparse_x, dense_x = x.clone(), x.clone()
     before = torch.empty_like(x) if local is not None else None
     errors = []
-    bar = tqdm(decoder_layers(model), desc=f"prune ({pruner})", leave=False, disable=not is_main())
-    for l, block in enumerate(bar):
+    for l, block in enumerate(tqdm(decoder_layers(model), desc=f"prune ({pruner})", leave=False)):
         original = {f"{name}.weight": w.to(x.device) for name, w in zip(projections(block), dense[l], strict=True)}
         run_block(block, dense_x, kwargs[l], original)
         stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale, before)
@@ -752,14 +749,13 @@ def finetune(model, mods, updates, cfg, t):
     opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
     model.train()
-    for u, group in enumerate(tqdm(updates, desc=f"fine-tune step {t}", leave=False, disable=not is_main())):
+    for u, group in enumerate(tqdm(updates, desc=f"fine-tune step {t}", leave=False)):
         opt.lr = linear_lr(u, len(updates), cfg.lr, cfg.warmup_ratio)
         loss = 0.0
-        for b in my_share(group):  # all of the group, but for torchrun's processes
+        for b in group:
             out = model(**{k: v.to(model.device) for k, v in b.items()}, use_cache=False)
             (out.loss / len(group)).backward()
             loss += out.loss.item() / len(group)
-        loss = all_reduce_grads(params, loss)  # summed over torchrun's processes
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss at step {t}, update {u + 1}")
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -801,7 +797,6 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
     mods = [m for block in lora for m in block]
     for m in mods:
         m.masked = cfg.masked
-    own_dropout_stream(cfg.seed)  # torchrun's processes: each its own LoRA dropout
     target = 1 - cfg.nm[0] / cfg.nm[1] if cfg.nm else cfg.sparsity
     omega, report = cfg.mean_rank, []  # Omega_1
     for t in range(1, T + 1):
@@ -941,7 +936,7 @@ def scorer(model, tokenizer, texts, docs, seqlen, batch_size, bos=None):
             raise ValueError(f"the perplexity text {name} has {t.numel()} tokens, fewer than one window of {seqlen}")
 
     def score():
-        ppl = {name: perplexity(model, t, seqlen, batch_size, progress=is_main(), bos=bos) for name, t in ids.items()}
+        ppl = {name: perplexity(model, t, seqlen, batch_size, progress=True, bos=bos) for name, t in ids.items()}
         acc = {t: evaluate_task(model, tokenizer, t, d, batch_size)[0]["acc"] for t, d in docs.items()}
         return dict(ppl=ppl, acc=acc, mean_acc=sum(acc.values()) / len(acc) if acc else None)
 
@@ -1042,108 +1037,6 @@ def saved_table(path, names=None, seeds=None):
 
 
 # -----------------------------------------------------------------------------------------------
-# data-parallel processes (torchrun)
-#
-# `torchrun --nproc-per-node N losa.py ...` starts N copies of this script, one device each. Every copy prunes on
-# all the calibration windows: Wanda's and SparseGPT's statistics are sums over every window, and the pass is
-# cheap next to fine-tuning, so the copies hold the masks of a one-process run. Each update's micro-batches are
-# dealt out over the copies and the LoRA gradients summed, so every copy takes the same AdamW step. Without
-# torchrun (WORLD_SIZE unset or 1) none of this runs.
-
-
-def world():
-    """(rank of this process, number of processes), as torchrun sets them; (0, 1) without torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main():
-    """Process 0 alone prints, shows progress and writes."""
-    return world()[0] == 0
-
-
-FAILING = None  # under torchrun: the gloo group in which failing processes meet (init_processes)
-
-
-def init_processes(device):
-    """Joins the other processes (NCCL on GPUs, gloo on CPUs) -> this process's device (cuda:LOCAL_RANK)."""
-    global FAILING
-    rank, n = world()
-    if n == 1:
-        return device
-    if device.startswith("cuda") and torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # the processes share the cores
-    dist.init_process_group("nccl" if device.startswith("cuda:") else "gloo")
-    FAILING = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=60))  # apart from the run's own
-    if rank:
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        sys.stdout = open(os.devnull, "w")  # process 0 alone prints
-    return device
-
-
-def barrier():
-    """Under torchrun: waits for every process."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_fail():
-    """A failing process waits (at most FAILING's minute) for all the others to fail too -> whether they did.
-    torchrun stops every process once one exits: the wait lets process 0 say why first. One process: True."""
-    if FAILING is None:
-        return True
-    try:
-        dist.barrier(group=FAILING)
-        return True
-    except RuntimeError:  # the others went on: this process fails alone
-        return False
-
-
-def my_share(group):
-    """Process k of N takes micro-batches k, k + N, ... of an update. Every update but a step's last holds
-    --grad-accum of them, a multiple of N; the last may hold fewer, and a process left without one adds a zero
-    gradient (all_reduce_grads)."""
-    rank, n = world()
-    return group[rank::n]
-
-
-def all_reduce_grads(params, loss):
-    """The gradients of `params` and the update's loss, each summed over the processes -> the summed loss.
-    Every process scaled its micro-batches' losses by 1 / len(group), as one process does, so the sums are
-    the gradient and loss of a one-process run; the clipping and AdamW step that follow are then the same on
-    every process. One process: nothing to do."""
-    if world()[1] == 1:
-        return loss
-    for p in params:
-        if p.grad is None:  # this process had no micro-batch
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-    total = torch.tensor(loss, dtype=torch.float64, device=params[0].device)
-    dist.all_reduce(total)  # before the finiteness check, so that every process stops on a non-finite loss
-    return total.item()
-
-
-def own_dropout_stream(seed):
-    """Process k > 0 reseeds torch's generator with (seed, k) once the LoRA is initialised (the same on every
-    process): copies of one stream would drop the same units in different micro-batches. Process 0 keeps the
-    stream of a one-process run."""
-    rank = world()[0]
-    if rank:
-        torch.manual_seed(seed + (rank << 32))
-
-
-def end_processes():
-    """Under torchrun: waits until process 0 has written its output, then leaves the group."""
-    if dist.is_initialized():
-        barrier()
-        dist.destroy_process_group()
-
-
-# -----------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -1239,9 +1132,8 @@ def build_parser():
     return p
 
 
-def validate(args, processes=1):
-    """Every check that needs no model, for a run of `processes` (torchrun's); raises ValueError with the message
-    for the user."""
+def validate(args):
+    """Every check that needs no model; raises ValueError with the message for the user."""
     demo = args.model is None
     for k, v in (DEMO if demo else PAPER).items():
         if getattr(args, k) is None:
@@ -1262,9 +1154,6 @@ def validate(args, processes=1):
     for k in ("nsamples", "train_samples", "batch_size", "grad_accum"):
         if getattr(args, k) < 1:
             raise ValueError(f"--{k.replace('_', '-')} must be at least 1")
-    if args.grad_accum % processes:
-        raise ValueError(f"--grad-accum {args.grad_accum} is not a multiple of the {processes} processes: each "
-                         "takes an equal share of every update's micro-batches")
     if args.seqlen < 2 or args.max_len < 2:
         raise ValueError("--seqlen and --max-len must be at least 2")
     if not args.no_rmi and args.nsamples < 2:
@@ -1370,12 +1259,7 @@ def first_line(e):
 
 
 def fail(msg, code=2):
-    """One line on stderr, exit `code`. Under torchrun every process fails at the same point (the same flags and
-    data, the loss summed over all) and process 0 says why; a process failing alone says it itself."""
-    if is_main():
-        print(f"losa.py: error: {msg}", file=sys.stderr)
-    if not all_fail() and not is_main():
-        print(f"losa.py: error: process {world()[0]}: {msg}", file=sys.stderr)
+    print(f"losa.py: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -1411,8 +1295,8 @@ def load_eval_data(args):
 
 
 def machine(device, dtype):
-    """What made a report's numbers: versions, device (CPU model or GPU), dtype, threads, torchrun's processes and
-    their backend (None: one process). Figures reproduce to the digit only where all of these are the same."""
+    """What made a report's numbers: versions, device (CPU model or GPU), dtype, threads. Figures reproduce to
+    the digit only where all of these are the same."""
     import datasets
     import transformers
 
@@ -1425,8 +1309,7 @@ def machine(device, dtype):
         except (OSError, StopIteration):
             name = platform.processor() or platform.machine()
     return dict(torch=torch.__version__, transformers=transformers.__version__, datasets=datasets.__version__,
-                python=platform.python_version(), device=name, dtype=dtype, threads=torch.get_num_threads(),
-                processes=world()[1], backend=dist.get_backend() if dist.is_initialized() else None)
+                python=platform.python_version(), device=name, dtype=dtype, threads=torch.get_num_threads())
 
 
 def check_model(model, nm):
@@ -1485,19 +1368,17 @@ def run_comparison(model, tokenizer, runs, args, score, report, meta):
     """compare() for every seed, into a staging folder renamed to --out at the end: the first seed's LoSA
     model with its report (one folder per pruner when there are several) and compare.json: `meta`, every
     seed's rows and their summary (mean and sd per row and score). `runs`: (calibration windows, plan,
-    settings) per seed. Under torchrun process 0 alone writes."""
-    with staged(args.out) if is_main() else nullcontext() as stage:
+    settings) per seed."""
+    with staged(args.out) as stage:
         where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
         keep = lambda row: save(model, tokenizer, report(replace(runs[0][2], pruner=row["pruner"]), row["steps"],
                                                          row["seconds"]), where(row["pruner"]))
         dense, rows = dense_weights(model), []  # the original projections: restore_ needs no other copy of the model
         for i, (calib_ids, plan, cfg) in enumerate(runs):
             tag = f"seed {cfg.seed} ({i + 1} of {len(runs)}), " if len(runs) > 1 else ""
-            first = keep if i == 0 and stage else None
+            first = keep if i == 0 else None
             rows += compare(model, calib_ids, plan, cfg, args.pruners, args.rows, score, dense, first, tag)
         summary = summarize(rows)
-        if stage is None:
-            return summary
         meta = dict(meta)
         seconds = round(time.time() - meta.pop("started"), 1)  # wall time from the start of main()
         with open(os.path.join(stage, "compare.json"), "w") as f:
@@ -1566,15 +1447,13 @@ def seed_runs(args, cfg, tokenizer):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.plot is not None:
-        return redraw(args.plot) if is_main() else None  # under torchrun, process 0 alone
+        return redraw(args.plot)
     if args.table is not None:
-        return print_table(args) if is_main() else None
-    args.device = init_processes(args.device)  # torchrun: join the other processes
+        return print_table(args)
     try:
-        validate(args, world()[1])
+        validate(args)
     except ValueError as e:
         fail(e)
-    barrier()  # torchrun: every process found --out absent before process 0 can write it
     tic, pydoc = time.time(), args.train == "pydoc" and args.data_dir is None
     path = smollm2_gguf() if args.model is None else args.model
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -1605,12 +1484,9 @@ def main(argv=None):
     try:
         if not args.compare:
             calib_ids, plan, _ = runs[0]
-            steps = losa(model, calib_ids, plan, cfg)
-            if is_main():  # under torchrun, process 0 alone writes
-                save(model, tokenizer, report(cfg, steps, time.time() - tic), args.out)
+            save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
             print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, "
                   f"total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
-            end_processes()
             return
         source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else None
         scoring = dict(source=source or args.data_dir or "the Hub", texts=list(texts),
@@ -1626,7 +1502,6 @@ def main(argv=None):
     saved = f"{'LoSA model and ' if 'losa' in args.rows else ''}compare.json saved to {args.out}"
     print(f"\n{format_rows(summary)}\n\nscored on {scoring['source']}, perplexity windows of {seqlen} tokens{seeds}; "
           f"total {(time.time() - tic) / 60:.1f} min; {saved}")
-    end_processes()
 
 
 if __name__ == "__main__":
