@@ -1923,7 +1923,7 @@ def test_every_readme_comparison_table_is_what_its_results_file_prints():
 
 def test_every_readme_benchmark_block_is_in_its_results_file():
     blocks = readme_blocks("file")
-    assert len(blocks) >= 2
+    assert blocks
     for path, block in blocks:
         text = open(os.path.join(HERE, path), encoding="utf-8").read()
         assert text.startswith("command: python bench.py") and "\nmachine: " in text, path
