@@ -23,6 +23,7 @@ matrices and a dense stream instead of stored features and outputs (host memory 
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare
 """
 import argparse
+import atexit
 import itertools
 import json
 import math
@@ -32,15 +33,20 @@ import random
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
+if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: progress bars on the first process only
+    os.environ.setdefault("TQDM_DISABLE", "1")  # (tqdm reads it when imported)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -742,6 +748,12 @@ def update_plan(examples, shares, batch_size, grad_accum, pad_id, seed):
     return plan
 
 
+def dropout_seed(seed, t, u, j):
+    """The seed of micro-batch j of update u of step t: its dropout masks are the same however many processes
+    share the update."""
+    return ((seed * 1000 + t) * 1_000_000 + u) * 1000 + j
+
+
 def finetune(model, mods, updates, cfg, t):
     """One pass over `updates` (lists of micro-batches): masked LoRA, fresh AdamW, one linear schedule.
     Returns the losses."""
@@ -752,10 +764,12 @@ def finetune(model, mods, updates, cfg, t):
     for u, group in enumerate(tqdm(updates, desc=f"fine-tune step {t}", leave=False)):
         opt.lr = linear_lr(u, len(updates), cfg.lr, cfg.warmup_ratio)
         loss = 0.0
-        for b in group:
-            out = model(**{k: v.to(model.device) for k, v in b.items()}, use_cache=False)
+        for j in my_share(len(group)):  # all micro-batches in one process; j = k, k + N, ... on process k of N
+            torch.manual_seed(dropout_seed(cfg.seed, t, u, j))  # dropout masks fixed by the micro-batch alone
+            out = model(**{k: v.to(model.device) for k, v in group[j].items()}, use_cache=False)
             (out.loss / len(group)).backward()
             loss += out.loss.item() / len(group)
+        loss = all_reduce_(params, loss)  # several processes: the sums over all of them, as one process has them
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss at step {t}, update {u + 1}")
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -809,6 +823,7 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
             local = [] if cfg.rank_alloc and cfg.rank_rule == "local" else None
             errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense, damping, local)
         merge_(mods, -1)  # W <- W - s (BA) * M_new
+        broadcast_(mods)  # several processes: all continue from the first one's W, A, B
         ranks = step_ranks(errors, local, omega, cfg, t)
         for block, r in zip(lora, ranks):
             for m in block:
@@ -827,6 +842,67 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
         unwrap_(model)  # final merge: W + s (BA) * M, zero pattern unchanged
     return report
 
+
+# -----------------------------------------------------------------------------------------------
+# several processes: torchrun --nproc-per-node N losa.py ... (data-parallel fine-tuning)
+#
+# Every process prunes on all calibration windows (the pruning pass is one process's), then fine-tunes on its
+# share of each update's micro-batches; gradients and loss are summed over the processes, so every update is
+# the single-process update. Outside torchrun none of this does anything.
+
+
+def world():
+    """(this process's rank, the number of processes), as torchrun sets them; (0, 1) outside torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main():
+    return world()[0] == 0
+
+
+def start_processes(device):
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPU), one GPU per process
+    (cuda:LOCAL_RANK); only the first process prints. Returns the device, unchanged outside torchrun."""
+    if "LOCAL_RANK" not in os.environ:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def my_share(n):
+    """The indices of an update's n micro-batches this process computes: k, k + N, k + 2N, ... on process k."""
+    rank, size = world()
+    return range(rank, n, size)
+
+
+def all_reduce_(params, loss):
+    """Sum the gradients of `params` and `loss` over the processes, in one all-reduce. Each process scaled its
+    micro-batches by 1 / len(group) as one process does, so the sums are the single-process ones; a process
+    with no micro-batch in the update adds zeros. Returns the summed loss."""
+    if world()[1] == 1:
+        return loss
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [torch.tensor([loss], device=grads[0].device)])
+    dist.all_reduce(flat)  # SUM
+    for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+        p.grad = g.view_as(p).to(p.dtype)
+    return flat[-1].item()
+
+
+@torch.no_grad()
+def broadcast_(mods):
+    """Every process takes the first process's projections and LoRA (they agree already, computed alike from
+    the same data: this makes it so by construction)."""
+    if world()[1] > 1:
+        for m in mods:
+            for p in (m.base.weight, m.lora_A, m.lora_B):
+                dist.broadcast(p, 0)
 
 # -----------------------------------------------------------------------------------------------
 # the report as a figure (matplotlib, an optional dependency)
@@ -1259,7 +1335,8 @@ def first_line(e):
 
 
 def fail(msg, code=2):
-    print(f"losa.py: error: {msg}", file=sys.stderr)
+    if is_main():  # under torchrun every process meets the same error: one line, from the first
+        print(f"losa.py: error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -1309,7 +1386,8 @@ def machine(device, dtype):
         except (OSError, StopIteration):
             name = platform.processor() or platform.machine()
     return dict(torch=torch.__version__, transformers=transformers.__version__, datasets=datasets.__version__,
-                python=platform.python_version(), device=name, dtype=dtype, threads=torch.get_num_threads())
+                python=platform.python_version(), device=name, dtype=dtype, threads=torch.get_num_threads(),
+                processes=world()[1], backend=dist.get_backend() if dist.is_initialized() else None)
 
 
 def check_model(model, nm):
@@ -1332,7 +1410,12 @@ def check_model(model, nm):
 
 @contextmanager
 def staged(out):
-    """A temporary folder beside `out`, renamed to `out` only once the block completes; removed otherwise."""
+    """A temporary folder beside `out`, renamed to `out` only once the block completes; removed otherwise.
+    Under torchrun only the first process writes `out`: the others get a throwaway folder."""
+    if not is_main():
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tmp
+        return
     tmp = f"{os.path.normpath(out)}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp)
@@ -1345,7 +1428,9 @@ def staged(out):
 
 
 def save(model, tokenizer, report, out):
-    """save_pretrained, the report and its figure into `out`, written atomically (staged)."""
+    """save_pretrained, the report and its figure into `out`, written atomically (staged); the first process's."""
+    if not is_main():
+        return
     with staged(out) as tmp:
         getattr(model.config, "__dict__", {}).pop("quantization_config", None)  # a .gguf source is now plain float
         model.save_pretrained(tmp)
@@ -1454,6 +1539,7 @@ def main(argv=None):
         validate(args)
     except ValueError as e:
         fail(e)
+    args.device = start_processes(args.device)
     tic, pydoc = time.time(), args.train == "pydoc" and args.data_dir is None
     path = smollm2_gguf() if args.model is None else args.model
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"

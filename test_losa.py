@@ -1891,6 +1891,93 @@ def test_cli_rank_rule_rows_share_the_data_and_follow_their_errors(tiny_run, cap
 
 
 # ---------------------------------------------------------------------------------------------
+# several processes: torchrun, gloo, one torch thread each, against one process with the same flags
+
+
+def processes(n, args):
+    """losa.py with these flags under torchrun with n processes, or as one plain process (n = 1)."""
+    launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              f"--nproc-per-node={n}"]
+    return subprocess.run([*launch, os.path.join(HERE, "losa.py"), *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+
+
+def assert_same_model(one, two):
+    """Two saved LoSA folders: the same zeros per row, the zero pattern in >= 99.9 % of the weights, every weight
+    within 1e-4 relative."""
+    a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (one, two))
+    assert a.keys() == b.keys()
+    agree = total = 0
+    for k in a:
+        if a[k].dim() == 2 and (a[k] == 0).any():  # a pruned projection
+            assert torch.equal((a[k] == 0).sum(1), (b[k] == 0).sum(1)), k
+            agree, total = agree + ((a[k] == 0) == (b[k] == 0)).sum().item(), total + a[k].numel()
+        kept = (a[k] != 0) & (b[k] != 0)
+        torch.testing.assert_close(b[k][kept], a[k][kept], rtol=1e-4, atol=1e-6 * a[k].abs().max().item())
+    assert total and agree / total >= 0.999
+
+
+def assert_same_steps(one, two):
+    """Per-step reports: step 1 pruned alike (its errors and layer sparsities exactly), every loss within 1e-4."""
+    assert [s["reconstruction_error"] for s in one[:1]] == [s["reconstruction_error"] for s in two[:1]]
+    assert one[0]["layer_sparsity"] == two[0]["layer_sparsity"] and len(one) == len(two)
+    for s1, s2 in zip(one, two):
+        assert s1["ranks"] == s2["ranks"] and s1["updates"] == s2["updates"] > 0
+        assert s2["train_loss"] == pytest.approx(s1["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: fused qkv_proj and gate_up_proj
+def test_two_processes_give_the_one_process_model(family, tiny_run, tokenizer_dir):
+    """--grad-accum 3 over 2 processes: 2 + 1 micro-batches, and a short last update of 1 that process 1 sits out."""
+    tmp, base = tiny_run
+    tiny_family(family, tmp / family, tokenizer_dir)
+    flags = base + ["--model", tmp / family, "--batch-size", "2", "--grad-accum", "3", "--train-samples", "20"]
+    for n, out in ((1, "one"), (2, "two")):
+        run = processes(n, flags + ["--out", tmp / out])
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_model(tmp / "one", tmp / "two")
+    one, two = (json.loads((tmp / d / "losa_report.json").read_text()) for d in ("one", "two"))
+    assert [s["updates"] for s in one["steps"]] == [2, 2]  # 4 then 6 micro-batches of 2 examples, 3 per update
+    assert_same_steps(one["steps"], two["steps"])
+    assert (one["machine"]["processes"], two["machine"]["processes"], two["machine"]["backend"]) == (1, 2, "gloo")
+    assert sorted(p.name for p in (tmp / "two").iterdir()) == sorted(p.name for p in (tmp / "one").iterdir())
+    assert not list(tmp.glob("*.tmp-*"))  # one folder, written once, nothing staged left behind
+
+
+def test_two_processes_compare_gives_the_one_process_rows(tiny_run):
+    tmp, base = tiny_run
+    write_data(tmp / "data")
+    flags = base + ["--sparsity", "0.5", "--compare", "--data-dir", tmp / "data", "--tasks", "wikitext2,piqa",
+                    "--eval-seqlen", "128", "--seeds", "0,1", "--rows", "oneshot,losa", "--grad-accum", "2"]
+    for n, out in ((1, "one"), (2, "two")):
+        run = processes(n, flags + ["--out", tmp / out])
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("| Wanda w. LoSA |") == 1  # the table, printed once
+    one, two = (json.loads((tmp / d / "compare.json").read_text()) for d in ("one", "two"))
+    assert [(r["name"], r["seed"]) for r in two["rows"]] == [(r["name"], r["seed"]) for r in one["rows"]]
+    for r1, r2 in zip(one["rows"], two["rows"]):
+        assert r2["ppl"]["wikitext2"] == pytest.approx(r1["ppl"]["wikitext2"], rel=1e-4)
+        assert r2["acc"]["piqa"] == pytest.approx(r1["acc"]["piqa"], abs=1e-4)
+        if r1["name"] == "losa":
+            assert_same_steps(r1["steps"], r2["steps"])
+    assert_same_model(tmp / "one", tmp / "two")  # seed 0's LoSA model
+    assert two["machine"]["processes"] == 2 and not list(tmp.glob("*.tmp-*"))
+
+
+def test_two_processes_stop_with_one_line_and_write_nothing(tiny_run):
+    """A bad flag: each process exits 2 (torchrun's report names the code), losa.py's line once. A non-finite
+    loss, seen by both processes in the summed loss: both stop, exit 1, one line, nothing written."""
+    tmp, base = tiny_run
+    for flags, code, message in ((["--sparsity", "2"], 2, "--sparsity must be in [0, 1)"),
+                                 (["--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step")):
+        run = processes(2, base + flags + ["--out", tmp / "out"])
+        output = run.stdout + run.stderr
+        assert run.returncode != 0 and output.count("losa.py: error:") == 1 and message in output
+        assert f"exitcode  : {code} " in run.stderr and "exitcode  : 0" not in run.stderr
+        assert sorted(p.name for p in tmp.iterdir()) == ["calib.txt", "model", "train.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
 # the README: its tables are what their results/ files print
 
 
