@@ -8,6 +8,9 @@ Benchmarks for losa.py on random Llama models, every figure measured side by sid
      (e) = (b) + losa.AdamW step: fine-tuning tokens/s
   2. pruning pass (block_grams + prune_blocks, wanda and sparsegpt) against a plain forward pass
   3. peak host memory of the pruning pass at two depths, in units of one activation buffer
+  5. with --processes N, instead: losa.finetune and the pruning pass under torchrun, N processes against one
+     (gloo on CPU, NCCL on GPUs; one torch thread each on CPU), launched in turn: fine-tuning tokens/s and
+     its speed-up against the ideal N, and the pruning pass's time (every process prunes on all windows)
   4. with --inference [MODEL], instead: the seven projections of every block executed dense or sparse
      (CPU: CSR with 32-bit indices, by F.linear and by torch.sparse.mm; CUDA: 2:4 semi-structured for 2:4
      weights, CSR otherwise), the rest of the model unchanged: MODEL's greedy decode (KV cache) and prefill;
@@ -18,6 +21,7 @@ Benchmarks for losa.py on random Llama models, every figure measured side by sid
     python bench.py --grad-checkpoint                 # also step time (and CUDA peak) with checkpointing
     python bench.py --inference out/smollm2-135m-wanda-0.7   # a LoSA output; no MODEL: sweep and memory only
     python bench.py --inference MODEL --device cuda --dtype bfloat16
+    python bench.py --processes 2                     # 2-core CPU: 1 vs 2 processes, one thread each
 """
 import argparse
 import copy
@@ -64,7 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--inference", nargs="?", const="", metavar="MODEL",
                    help="instead: dense vs sparse projections at inference (decode and prefill of MODEL, a LoSA "
                         "output folder or any model eval.py loads; 7B-shape mat-vec sweep; memory of each format)")
+    p.add_argument("--processes", type=int, metavar="N", help="instead: fine-tuning and the pruning pass under "
+                   "torchrun, N processes against one (--width: its first value; --repeats launches of each)")
+    p.add_argument("--accum", type=int, default=4, help="--processes: micro-batches (of --batch) per update")
     p.add_argument("--_peak", type=int, help=argparse.SUPPRESS)  # internal: run the memory test for this depth
+    p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)  # internal: one torchrun process
     return p.parse_args(argv)
 
 
@@ -198,6 +206,72 @@ def peak_child(L):
     host_copy = 0 if cuda else weights  # on CUDA the copy lives on the host, outside the measured peak
     print(json.dumps(dict(L=L, extra_buffers=(peak - base - host_copy) / buf, buffer_mb=buf / 2**20,
                           weights_mb=weights / 2**20)))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. several processes (torchrun): losa.finetune and the pruning pass, N processes against one
+
+
+def processes_worker():
+    """One torchrun process: the same random model everywhere, timed losa.finetune updates (the first one a
+    warm-up) and one pruning pass; the first process prints the times as JSON."""
+    args.device = losa.start_processes(args.device)
+    w, accum = int(args.width.split(",")[0]), args.accum
+    model = masked(build(w, args.layers, args.seqlen), 0.1)
+    mods = [m for m in model.modules() if isinstance(m, losa.MaskedLoRALinear)]
+    gen = torch.Generator().manual_seed(0)
+    batch = lambda: dict(input_ids=(ids := torch.randint(1024, (args.batch, args.seqlen), generator=gen)),
+                         labels=ids, attention_mask=torch.ones_like(ids))
+    updates = [[batch() for _ in range(accum)] for _ in range(1 + args.repeats)]
+    cfg = losa.Settings(lr=2e-4)
+    losa.finetune(model, mods, updates[:1], cfg, 1)  # warm-up
+    sync(), torch.distributed.barrier()
+    tic = time.perf_counter()
+    losa.finetune(model, mods, updates[1:], cfg, 1)
+    sync()
+    step = (time.perf_counter() - tic) / args.repeats
+    losa.unwrap_(model, merge=False)
+    calib = torch.randint(1024, (args.nsamples, args.calib_seqlen), generator=gen).to(dev)
+    x0, kwargs = losa.capture_block_inputs(model, calib)
+    dense = losa.dense_weights(model)
+    torch.distributed.barrier()
+    tic = time.perf_counter()
+    losa.block_grams(model, x0, kwargs)
+    losa.prune_blocks(model, x0, kwargs, [0.6] * args.layers, "wanda", None, dense)
+    sync()
+    if losa.is_main():
+        print(json.dumps(dict(update=step, tokens=accum * args.batch * args.seqlen, prune=time.perf_counter() - tic)))
+
+
+def processes_table():
+    """--processes N: the worker under torchrun with 1 and N processes, alternately, --repeats launches each."""
+    n, w = args.processes, int(args.width.split(",")[0])
+    flags = ["--_worker", "--width", str(w), "--layers", str(args.layers), "--batch", str(args.batch),
+             "--seqlen", str(args.seqlen), "--accum", str(args.accum), "--repeats", str(args.repeats),
+             "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--device", args.device]
+    runs = {1: [], n: []}
+    for _ in range(2):
+        for k in runs:
+            print(f"{k} process{'es' if k > 1 else ''} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", __file__]
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            out = subprocess.run(cmd + flags, capture_output=True, text=True, env=env)
+            if out.returncode:
+                sys.exit(f"torchrun with {k} processes failed:\n{out.stderr[-3000:]}")
+            runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {k: {key: statistics.median(r[key] for r in rs) for key in ("update", "prune")} for k, rs in runs.items()}
+    tokens = runs[1][0]["tokens"]
+    print(f"device {args.device}, torch {torch.__version__}, gloo/NCCL via torchrun, one thread per process on CPU; "
+          f"random Llama w={w}, {args.layers} blocks, r={R}; an update = {args.accum} micro-batches of "
+          f"{args.batch}x{args.seqlen} tokens; median of 2 launches x {args.repeats} updates")
+    for k in runs:
+        print(f"fine-tune tokens/s, {k} process{'es' if k > 1 else ''}: {tokens / med[k]['update']:.0f}")
+    print(f"speed-up of {n} processes: {med[1]['update'] / med[n]['update']:.2f} (ideal {n})")
+    for k in runs:
+        print(f"pruning pass (grams + wanda prune_blocks), {k} process{'es' if k > 1 else ''}: "
+              f"{1e3 * med[k]['prune']:.0f} ms")
+    print(f"pruning pass, {n} processes / 1: {med[n]['prune'] / med[1]['prune']:.2f} (every process prunes on all "
+          "windows: 1 is the ideal)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,6 +531,10 @@ def main(argv=None):
     if args.inference is not None:
         inference()
         return
+    if args._worker:
+        return processes_worker()
+    if args.processes:
+        return processes_table()
 
     t_start = time.time()
     widths = [int(w) for w in args.width.split(",")]
