@@ -21,6 +21,8 @@ matrices and a dense stream instead of stored features and outputs (host memory 
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7  # the paper's setting
     # its Table 1 rows, both pruners:
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare
+    # data-parallel fine-tuning on 8 GPUs, the same updates as one process:
+    torchrun --nproc-per-node 8 losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --batch-size 1 --grad-accum 8
 """
 import argparse
 import atexit
