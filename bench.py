@@ -8,13 +8,13 @@ Benchmarks for losa.py on random Llama models, every figure measured side by sid
      (e) = (b) + losa.AdamW step: fine-tuning tokens/s
   2. pruning pass (block_grams + prune_blocks, wanda and sparsegpt) against a plain forward pass
   3. peak host memory of the pruning pass at two depths, in units of one activation buffer
-  5. with --processes N, instead: losa.finetune and the pruning pass under torchrun, N processes against one
-     (gloo on CPU, NCCL on GPUs; one torch thread each on CPU), launched in turn: fine-tuning tokens/s and
-     its speed-up against the ideal N, and the pruning pass's time (every process prunes on all windows)
   4. with --inference [MODEL], instead: the seven projections of every block executed dense or sparse
      (CPU: CSR with 32-bit indices, by F.linear and by torch.sparse.mm; CUDA: 2:4 semi-structured for 2:4
      weights, CSR otherwise), the rest of the model unchanged: MODEL's greedy decode (KV cache) and prefill;
      mat-vec at LLaMA-2-7B shapes, 50-80 % unstructured and 2:4, with the crossover; memory of each format
+  5. with --processes N, instead: losa.finetune and the pruning pass under torchrun, N processes against one
+     (gloo on CPU, NCCL on GPUs; one torch thread each on CPU), launched in turn: fine-tuning tokens/s and
+     its speed-up against the ideal N, and the pruning pass's time (every process prunes on all windows)
 
     python bench.py                                   # 2-core CPU, < 5 min
     python bench.py --device cuda --dtype bfloat16 --width 4096 --layers 2
