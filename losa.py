@@ -48,6 +48,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
@@ -256,10 +258,11 @@ def capture_block_inputs(model, input_ids):
 @torch.no_grad()
 def run_block(block, x, kwargs, params=None):
     """x (N, seqlen, d) <- block(x), one sequence at a time, in place; `params` overrides weights."""
-    for i in range(len(x)):
-        xi = x[i : i + 1]
-        out = block(xi, **kwargs) if params is None else torch.func.functional_call(block, params, xi, kwargs)
-        x[i] = out[0] if isinstance(out, tuple) else out
+    with whole(block):  # --fsdp: the block gathered once for all sequences
+        for i in range(len(x)):
+            xi = x[i : i + 1]
+            out = block(xi, **kwargs) if params is None else torch.func.functional_call(block, params, xi, kwargs)
+            x[i] = out[0] if isinstance(out, tuple) else out
     return x
 
 
@@ -416,8 +419,9 @@ def reconstruction_error(dense_out, sparse_out):
 
 
 def dense_weights(model):
-    """The original weights of every block's projections, kept on the CPU for the dense stream."""
-    copy = lambda lin: lin.weight.detach().to("cpu", copy=True)
+    """The original weights of every block's projections, kept on the CPU for the dense stream (--fsdp: this
+    process's rows of them)."""
+    copy = lambda lin: local(lin.weight).detach().to("cpu", copy=True)
     return [[copy(lin) for lin in projections(b).values()] for b in decoder_layers(model)]
 
 
@@ -435,19 +439,21 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None, 
     before = torch.empty_like(x) if local is not None else None
     errors = []
     for l, block in enumerate(tqdm(decoder_layers(model), desc=f"prune ({pruner})", leave=False)):
-        original = {f"{name}.weight": w.to(x.device) for name, w in zip(projections(block), dense[l], strict=True)}
-        run_block(block, dense_x, kwargs[l], original)
-        stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale, before)
-        used = {}
-        for name, lin in projections(block).items():
-            try:
-                # .base: the projection inside a LoRA wrapper
-                _, used[name.removesuffix(".base")] = prune_(lin.weight.data, stats[name], sparsities[l], nm)
-            except IllConditionedHessian as e:
-                raise IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}") from None
+        with whole(block, write=True):  # --fsdp: the block's whole weights in, its pruned rows back to the shards
+            lins = projections(block)
+            original = {f"{n}.weight": gathered(w, lins[n].weight) for n, w in zip(lins, dense[l], strict=True)}
+            run_block(block, dense_x, kwargs[l], original)
+            stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale, before)
+            used = {}
+            for name, lin in lins.items():
+                try:
+                    # .base: the projection inside a LoRA wrapper
+                    _, used[name.removesuffix(".base")] = prune_(lin.weight.data, stats[name], sparsities[l], nm)
+                except IllConditionedHessian as e:
+                    raise IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}") from None
+            run_block(block, sparse_x, kwargs[l])
         if damping is not None:
             damping.append(used)
-        run_block(block, sparse_x, kwargs[l])
         errors.append(reconstruction_error(dense_x, sparse_x))
         if local is not None:
             local.append(reconstruction_error(before, sparse_x))  # block l alone, before vs after pruning
@@ -624,14 +630,12 @@ class MaskedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        merged = merged.to(self.base.weight.device, self.base.weight.dtype)
-        merged.weight.copy_(add_keeping_zeros(self.base.weight, self.delta()))  # W + s (BA) * M
-        if merged.bias is not None:
-            merged.bias.copy_(self.base.bias)
-        if not torch.equal(merged.weight != 0, self.base.weight != 0):
+        """The final merge, in place: W <- W + s (BA) * M; returns the projection to put in the wrapper's place."""
+        W, keep = self.base.weight, self.base.weight != 0
+        W.copy_(add_keeping_zeros(W, self.delta()))  # W + s (BA) * M
+        if not torch.equal(W != 0, keep):
             raise RuntimeError("merging changed the zero pattern")
-        return merged
+        return self.base
 
 
 def add_lora(model, r_max, alpha, dropout):
@@ -647,9 +651,12 @@ def add_lora(model, r_max, alpha, dropout):
 
 
 @torch.no_grad()
-def merge_(mods, sign=1):
-    for m in mods:
-        m.base.weight.copy_(add_keeping_zeros(m.base.weight, sign * m.delta()))  # W <- W +/- s (B[:, :r] A[:r]) * M
+def merge_(layers, lora, sign=1):
+    """Merge (+1) or unmerge (-1) every block's wrappers; `lora`: the wrappers of each block (add_lora)."""
+    for block, mods in zip(layers, lora, strict=True):
+        with whole(block, write=True):  # --fsdp: the block's whole weights in, the new rows back to the shards
+            for m in mods:
+                m.base.weight.copy_(add_keeping_zeros(m.base.weight, sign * m.delta()))  # W <- W +/- s (BA) * M
 
 
 @contextmanager
@@ -668,10 +675,11 @@ def adapters_off(mods):
 def unwrap_(model, merge=True):
     """Replace every MaskedLoRALinear by its merged nn.Linear (the final merge), or by its base (the LoRA dropped)."""
     for block in decoder_layers(model):
-        for name, m in list(block.named_modules()):
-            if isinstance(m, MaskedLoRALinear):
-                parent, _, child = name.rpartition(".")
-                setattr(block.get_submodule(parent), child, m.merge() if merge else m.base)
+        with whole(block, write=merge):  # --fsdp: merged on the whole weights, the rows back to the shards
+            for name, m in list(block.named_modules()):
+                if isinstance(m, MaskedLoRALinear):
+                    parent, _, child = name.rpartition(".")
+                    setattr(block.get_submodule(parent), child, m.merge() if merge else m.base)
 
 
 @torch.no_grad()
@@ -681,7 +689,7 @@ def restore_(model, dense):
     unwrap_(model, merge=False)
     for block, weights in zip(decoder_layers(model), dense, strict=True):
         for lin, w in zip(projections(block).values(), weights, strict=True):
-            lin.weight.copy_(w)
+            local(lin.weight).copy_(w)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -767,10 +775,11 @@ def finetune(model, mods, updates, cfg, t):
         opt.lr = linear_lr(u, len(updates), cfg.lr, cfg.warmup_ratio)
         loss = 0.0
         for j in my_share(len(group)):  # all micro-batches in one process; j = k, k + N, ... on process k of N
+            real = float(j < len(group))  # 0: a padding micro-batch, so that all processes run as many (FSDP)
             torch.manual_seed(dropout_seed(cfg.seed, t, u, j))  # dropout masks fixed by the micro-batch alone
-            out = model(**{k: v.to(model.device) for k, v in group[j].items()}, use_cache=False)
-            (out.loss / len(group)).backward()
-            loss += out.loss.item() / len(group)
+            out = model(**{k: v.to(model.device) for k, v in group[j % len(group)].items()}, use_cache=False)
+            (out.loss / len(group) * real).backward()
+            loss += real * out.loss.item() / len(group)
         loss = all_reduce_(params, loss)  # several processes: the sums over all of them, as one process has them
         if not math.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss at step {t}, update {u + 1}")
@@ -785,7 +794,8 @@ def finetune(model, mods, updates, cfg, t):
 def achieved_sparsity(blocks):
     """Fraction of zeros over the weights of the given blocks' projections."""
     ws = [lin.weight for b in blocks for lin in projections(b).values()]
-    return sum((w == 0).sum().item() for w in ws) / sum(w.numel() for w in ws)
+    zeros = over_processes(sum((local(w) == 0).sum().item() for w in ws), ws)  # --fsdp: every process's rows
+    return zeros / sum(w.numel() for w in ws)
 
 
 def step_sparsities(model, x0, kwargs, s_t, cfg):
@@ -818,13 +828,13 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
     for t in range(1, T + 1):
         tic = time.time()
         s_t = target if cfg.nm else cubic_sparsity(target, t, T)  # N:M: the final pattern at every step
-        merge_(mods, +1)  # W <- W + s (BA) * M
+        merge_(layers, lora, +1)  # W <- W + s (BA) * M
         with adapters_off(mods):
             s_l = step_sparsities(model, x0, kwargs, s_t, cfg)
             damping = []  # per block and projection: SparseGPT's relative damping (raised where H needed it)
             local = [] if cfg.rank_alloc and cfg.rank_rule == "local" else None
             errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense, damping, local)
-        merge_(mods, -1)  # W <- W - s (BA) * M_new
+        merge_(layers, lora, -1)  # W <- W - s (BA) * M_new
         broadcast_(mods)  # several processes: all continue from the first one's W, A, B
         ranks = step_ranks(errors, local, omega, cfg, t)
         for block, r in zip(lora, ranks):
@@ -846,11 +856,13 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
 
 
 # -----------------------------------------------------------------------------------------------
-# several processes: torchrun --nproc-per-node N losa.py ... (data-parallel fine-tuning)
+# several processes: torchrun --nproc-per-node N losa.py ... [--fsdp]
 #
 # Every process prunes on all calibration windows (the pruning pass is one process's), then fine-tunes on its
 # share of each update's micro-batches; gradients and loss are summed over the processes, so every update is
-# the single-process update. Outside torchrun none of this does anything.
+# the single-process update. With --fsdp every block and the root are sharded by FSDP2 (a process holds 1/N
+# of each parameter's rows); work on whole weights (pruning, merging) runs inside whole(block), and the LoRA
+# stays whole on every process. Outside torchrun none of this does anything.
 
 
 def world():
@@ -878,9 +890,10 @@ def start_processes(device):
 
 
 def my_share(n):
-    """The indices of an update's n micro-batches this process computes: k, k + N, k + 2N, ... on process k."""
+    """The indices of an update's n micro-batches this process computes: k, k + N, k + 2N, ... on process k, up to
+    the next multiple of N (an index >= n is a padding micro-batch: every process runs as many forwards)."""
     rank, size = world()
-    return range(rank, n, size)
+    return range(rank, -(-n // size) * size, size)
 
 
 def all_reduce_(params, loss):
@@ -904,7 +917,107 @@ def broadcast_(mods):
     if world()[1] > 1:
         for m in mods:
             for p in (m.base.weight, m.lora_A, m.lora_B):
-                dist.broadcast(p, 0)
+                if not isinstance(p, DTensor):  # --fsdp: the rows came from the first process already (whole)
+                    dist.broadcast(p, 0)
+
+
+def local(t):
+    """This process's rows of a sharded parameter (--fsdp: a DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def over_processes(count, tensors):
+    """A count made on this process's rows of `tensors`, summed over the processes where they are sharded."""
+    if not any(isinstance(t, DTensor) for t in tensors):
+        return count
+    total = torch.tensor([count], dtype=torch.float64, device=local(tensors[0]).device)
+    dist.all_reduce(total)
+    return total.item()
+
+
+def gathered(rows, like):
+    """The whole matrix shaped as `like`, on its device, from every process's `rows` (FSDP2 shards dim 0 as
+    torch.chunk does); `rows` itself where it is whole already."""
+    rows = rows.to(like.device)
+    if rows.shape == like.shape:
+        return rows
+    size = world()[1]
+    chunk = torch.zeros((-(-like.shape[0] // size), *like.shape[1:]), dtype=rows.dtype, device=rows.device)
+    chunk[: len(rows)] = rows
+    parts = [torch.empty_like(chunk) for _ in range(size)]
+    dist.all_gather(parts, chunk)
+    return torch.cat(parts)[: like.shape[0]]
+
+
+_WHOLE = set()  # the blocks gathered by whole() now
+
+
+@contextmanager
+def whole(block, write=False):
+    """--fsdp: inside, the block's parameters are whole plain tensors and the block computes as the plain one;
+    with `write`, the first process's whole weights go back into every process's rows on exit (so all hold
+    one computation's). Every process must gather the same blocks in the same order. Else: nothing."""
+    if not isinstance(block, FSDPModule) or block in _WHOLE:
+        yield
+        return
+    shards = [(mod, name, p) for mod in block.modules()  # (by module: unwrap_ renames the projections inside)
+              for name, p in mod.named_parameters(recurse=False) if isinstance(p, DTensor)]
+    block.unshard()
+    block.set_reshard_after_forward(False)
+    _WHOLE.add(block)
+    try:
+        yield
+        rank, size = world()
+        with torch.no_grad():
+            for mod, name, shard in shards if write else ():
+                w = getattr(mod, name)  # the whole parameter
+                dist.broadcast(w, 0)
+                rows = w.chunk(size)  # FSDP2's rows of each process
+                if rank < len(rows):
+                    shard.to_local().copy_(rows[rank])
+    finally:
+        _WHOLE.discard(block)
+        block.set_reshard_after_forward(True)
+        block.reshard()
+
+
+def shard_model(model, tokenizer, error, device):
+    """--fsdp: the first process has read the checkpoint (`model` on the host, or an `error` line); the others
+    build the model on the meta device. Every block and then the root are sharded by FSDP2 and every process
+    receives its rows of each parameter from the first. Returns (model, tokenizer, error) on every process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    sent = [error or (model.config, tokenizer, next(model.parameters()).dtype)] if is_main() else [None]
+    dist.broadcast_object_list(sent, 0)
+    if isinstance(sent[0], str):
+        return None, None, sent[0]
+    config, tokenizer, dtype = sent[0]
+    if not is_main():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    full = model.state_dict() if is_main() else {}
+    buffers = dict(model.named_buffers())  # with the non-persistent ones (rotary inv_freq) the state dict lacks
+    for block in decoder_layers(model):
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if is_main():
+                buf.copy_(buffers[name])
+            dist.broadcast(buf, 0)
+    return model.eval(), tokenizer, None
+
+
+def full_state_dict(model):
+    """--fsdp: the whole state dict on the first process's host (every process takes part); else None."""
+    if not isinstance(model, FSDPModule):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 # -----------------------------------------------------------------------------------------------
 # the report as a figure (matplotlib, an optional dependency)
@@ -1179,6 +1292,8 @@ def build_parser():
       "a seeded random order)")
     a("--no-finetune", action="store_true", help="prune only (--steps 1 --no-rmi: one-shot Wanda/SparseGPT)")
     a("--grad-checkpoint", action="store_true", help="checkpoint decoder blocks while fine-tuning")
+    a("--fsdp", action="store_true", help="under torchrun: shard the model's parameters with FSDP2 (each block and "
+      "the root), so a process holds 1/N of the weights plus one gathered block")
     a("--compare", action="store_true", help="score dense, one-shot, w. LoRA and w. LoSA rows on the same data "
       "into OUT/compare.json (the demo does)")
     a("--ablation", action="store_true", help=cmp + "also the paper's w. LoRA (unmasked LoRA, scored unmerged: "
@@ -1224,6 +1339,10 @@ def validate(args):
     one_row = args.no_rmi or args.no_rank_alloc or args.no_finetune  # flags of a single run
     args.compare = args.compare or (demo and not one_row)
     validate_compare(args, one_row)
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        raise ValueError("--fsdp shards the model over processes: run under torchrun --nproc-per-node N")
+    if args.fsdp and args.compare:
+        raise ValueError("--fsdp runs one LoSA model, not --compare (the demo compares: give --model)")
     if not 0 <= args.sparsity < 1:
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.steps < 1:
@@ -1373,7 +1492,7 @@ def load_eval_data(args):
     return {**texts, **extra}, {t: load_docs(t, args.data_dir, args.limit) for t in args.tasks if t != "wikitext2"}
 
 
-def machine(device, dtype):
+def machine(device, dtype, fsdp=False):
     """What made a report's numbers: versions, device (CPU model or GPU), dtype, threads. Figures reproduce to
     the digit only where all of these are the same."""
     import datasets
@@ -1389,7 +1508,7 @@ def machine(device, dtype):
             name = platform.processor() or platform.machine()
     return dict(torch=torch.__version__, transformers=transformers.__version__, datasets=datasets.__version__,
                 python=platform.python_version(), device=name, dtype=dtype, threads=torch.get_num_threads(),
-                processes=world()[1], backend=dist.get_backend() if dist.is_initialized() else None)
+                processes=world()[1], backend=dist.get_backend() if dist.is_initialized() else None, fsdp=fsdp)
 
 
 def check_model(model, nm):
@@ -1431,11 +1550,12 @@ def staged(out):
 
 def save(model, tokenizer, report, out):
     """save_pretrained, the report and its figure into `out`, written atomically (staged); the first process's."""
+    state = full_state_dict(model)  # --fsdp: gathered from every process's shards
     if not is_main():
         return
     with staged(out) as tmp:
         getattr(model.config, "__dict__", {}).pop("quantization_config", None)  # a .gguf source is now plain float
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, "losa_report.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -1504,17 +1624,24 @@ def command(argv):
 
 
 def load(args, path, dtype):
-    """The model and tokenizer, checked; exits with one line where they cannot be used."""
+    """The model and tokenizer, checked; exits with one line where they cannot be used. --fsdp: the first process
+    reads the checkpoint on the host, and every process gets its shards (shard_model)."""
     from eval import load_model
 
-    try:
-        model, tokenizer = load_model(path, args.device, dtype)
-        check_model(model, args.nm)
-        if args.window_bos and tokenizer.bos_token_id is None:
-            raise ValueError("--window-bos: the tokenizer has no BOS token")
-    except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
-        msg = first_line(e)
-        fail(msg if msg.startswith("cannot load model") else f"cannot use model {path}: {msg}")  # eval.py names it
+    model = tokenizer = error = None
+    if is_main() or not args.fsdp:
+        try:
+            model, tokenizer = load_model(path, "cpu" if args.fsdp else args.device, dtype)
+            check_model(model, args.nm)
+            if args.window_bos and tokenizer.bos_token_id is None:
+                raise ValueError("--window-bos: the tokenizer has no BOS token")
+        except Exception as e:  # a model that cannot be loaded or pruned: one line, no traceback
+            msg = first_line(e)
+            error = msg if msg.startswith("cannot load model") else f"cannot use model {path}: {msg}"  # eval.py's
+    if args.fsdp:
+        model, tokenizer, error = shard_model(model, tokenizer, error, args.device)
+    if error:
+        fail(error)
     return model, tokenizer
 
 
@@ -1567,7 +1694,7 @@ def main(argv=None):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, window_bos=args.window_bos,
                 train=args.train, train_examples=n_examples, max_len=args.max_len)
-    env = machine(args.device, dtype)
+    env = machine(args.device, dtype, args.fsdp)
     report = lambda c, steps, seconds: run_report(model, path, c, data, env, steps, seconds)
     try:
         if not args.compare:

@@ -654,13 +654,15 @@ def test_merge_keeps_the_zero_pattern_and_equals_the_plain_merge():
     with torch.no_grad():
         mod.lora_B.normal_()
     mod.rank = 3
-    merged = mod.merge()
-    plain = lin.weight + 2.0 * (mod.lora_B[:, :3] @ mod.lora_A[:3]) * (lin.weight != 0)
-    torch.testing.assert_close(merged.weight, plain.detach())
-    assert torch.equal(merged.weight == 0, lin.weight == 0) and torch.equal(merged.bias, lin.bias)
+    plain = (lin.weight + 2.0 * (mod.lora_B[:, :3] @ mod.lora_A[:3]) * (lin.weight != 0)).detach()
+    zeros, bias = lin.weight == 0, lin.bias.clone()
     mod.eval()
     x = torch.randn(5, 40)
-    torch.testing.assert_close(merged(x), mod(x), rtol=1e-5, atol=1e-5)
+    y = mod(x).detach()
+    merged = mod.merge()  # in place: the projection itself, W + s (BA) * M
+    torch.testing.assert_close(merged.weight, plain)
+    assert torch.equal(merged.weight == 0, zeros) and torch.equal(merged.bias, bias)
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_adamw_equals_torch_adamw_step_by_step():
