@@ -248,7 +248,7 @@ def capture_block_inputs(model, input_ids):
             try:
                 model(ids[None].to(model.device), use_cache=False)
             except _Captured:
-                pass
+                release(model)  # --fsdp: a stopped forward leaves what it gathered
     finally:
         for h in hooks:
             h.remove()
@@ -981,6 +981,14 @@ def whole(block, write=False):
         block.reshard()
 
 
+def release(model):
+    """--fsdp: every part of the model back to this process's rows (a forward stopped by an exception leaves
+    its parts gathered)."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def shard_model(model, tokenizer, error, device):
     """--fsdp: the first process has read the checkpoint (`model` on the host, or an `error` line); the others
     build the model on the meta device. Every block and then the root are sharded by FSDP2 and every process
@@ -998,8 +1006,12 @@ def shard_model(model, tokenizer, error, device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     full = model.state_dict() if is_main() else {}
     buffers = dict(model.named_buffers())  # with the non-persistent ones (rotary inv_freq) the state dict lacks
-    for block in decoder_layers(model):
-        fully_shard(block)
+    units = list(decoder_layers(model))
+    ins, outs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outs is None or outs.weight is not ins.weight:  # tied embeddings (one parameter) stay with the root
+        units += [ins] + ([outs] if outs is not None else [])
+    for unit in units:  # gathered one at a time as the forward reaches them
+        fully_shard(unit)
     fully_shard(model)
     model.to_empty(device=device)
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
