@@ -26,6 +26,7 @@ matrices and a dense stream instead of stored features and outputs (host memory 
 """
 import argparse
 import atexit
+import collections
 import itertools
 import json
 import math
@@ -1006,11 +1007,12 @@ def shard_model(model, tokenizer, error, device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     full = model.state_dict() if is_main() else {}
     buffers = dict(model.named_buffers())  # with the non-persistent ones (rotary inv_freq) the state dict lacks
-    units = list(decoder_layers(model))
-    ins, outs = model.get_input_embeddings(), model.get_output_embeddings()
-    if outs is None or outs.weight is not ins.weight:  # tied embeddings (one parameter) stay with the root
-        units += [ins] + ([outs] if outs is not None else [])
-    for unit in units:  # gathered one at a time as the forward reaches them
+    blocks, own = list(decoder_layers(model)), lambda m: list(m.parameters(recurse=False))
+    inside = {id(m) for b in blocks for m in b.modules()}
+    owners = collections.Counter(id(p) for m in model.modules() for p in own(m))  # 2: tied embeddings
+    rest = [m for m in model.modules() if m is not model and id(m) not in inside and own(m)
+            and all(owners[id(p)] == 1 for p in own(m))]  # embeddings, final norm, head: tied ones stay with the root
+    for unit in blocks + rest:  # each gathered only while the forward is inside it
         fully_shard(unit)
     fully_shard(model)
     model.to_empty(device=device)

@@ -800,6 +800,7 @@ BAD = {
     "rows without --compare": (["--rows", "losa"], "--rows needs --compare"),
     "an unknown row": (["--compare", "--rows", "losa,magnitude"], "--rows: choose from"),
     "rows with --ablation": (["--compare", "--rows", "losa", "--ablation"], "--rows names the rows itself"),
+    "--fsdp in one process": (["--fsdp"], "run under torchrun"),
 }
 
 
@@ -1932,21 +1933,98 @@ UNEVEN = ["--batch-size", "2", "--grad-accum", "3", "--train-samples", "20"]  # 
 
 
 def test_two_processes_give_the_one_process_model_with_fused_projections(tiny_run, tokenizer_dir):
-    """Phi-3 (fused qkv_proj, gate_up_proj); --grad-accum 3 over 2 processes: 2 + 1 micro-batches, and a short
-    last update of 1 that process 1 sits out. (The Llama is the --compare test's.)"""
+    """Phi-3 (fused qkv_proj, gate_up_proj), SparseGPT (its threshold spans all rows of a column block), data-parallel
+    and sharded (--fsdp); one step (a second SparseGPT pass would amplify the last-digit differences of the summed
+    gradients beyond 1e-4 in a few near-zero weights), 10 micro-batches in updates of 3, 3, 3 and 1 (2 + 1 per
+    process, and a last update where process 1 runs a padding micro-batch). The Llama (two steps, Wanda) is the
+    --compare and parameter-bytes tests'."""
     tmp, base = tiny_run
     tiny_family("phi3", tmp / "phi3", tokenizer_dir)
-    flags = base + ["--model", tmp / "phi3", *UNEVEN]
-    for n, out in ((1, "one"), (2, "two")):
-        run = processes(n, flags + ["--out", tmp / out])
+    flags = base + ["--model", tmp / "phi3", "--pruner", "sparsegpt", *UNEVEN, "--steps", "1"]
+    for n, out, extra in ((1, "one", []), (2, "two", []), (2, "sharded", ["--fsdp"])):
+        run = processes(n, flags + extra + ["--out", tmp / out])
         assert run.returncode == 0, run.stderr[-3000:]
+    one = json.loads((tmp / "one" / "losa_report.json").read_text())
+    assert [s["updates"] for s in one["steps"]] == [4]  # 10 micro-batches of 2 examples, 3 per update
+    for out, fsdp in (("two", False), ("sharded", True)):
+        assert_same_model(tmp / "one", tmp / out)
+        two = json.loads((tmp / out / "losa_report.json").read_text())
+        assert_same_steps(one["steps"], two["steps"])
+        assert two["sparsity"] == one["sparsity"]
+        assert (one["machine"]["processes"], two["machine"]["processes"], two["machine"]["backend"]) == (1, 2, "gloo")
+        assert two["machine"]["fsdp"] is fsdp
+        assert sorted(p.name for p in (tmp / out).iterdir()) == sorted(p.name for p in (tmp / "one").iterdir())
+        assert (tmp / out / "config.json").read_text() == (tmp / "one" / "config.json").read_text()
+    assert not list(tmp.glob("*.tmp-*"))  # one folder each, written once, nothing staged left behind
+
+
+# --fsdp under torchrun with the bytes of parameter storage each process holds, sampled after loading and in the
+# forward pre-hook of every FSDP unit (after FSDP gathered it): every shard plus whatever is whole at that moment
+HELD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import losa
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+samples, shard_model = [], losa.shard_model
+
+def held(params):
+    storages = {}
+    for module, name, shard in params:
+        for t in (shard, getattr(module, name)):
+            t = t.to_local() if isinstance(t, DTensor) else t
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+def measured(*args):
+    model, tokenizer, error = shard_model(*args)
+    params = [(m, n, p) for m in model.modules() for n, p in m.named_parameters(recurse=False)]
+    assert all(isinstance(p, DTensor) for _, _, p in params)
+    samples.append(("load", held(params)))
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            sample = lambda m, a: samples.append(("prune" if not torch.is_grad_enabled() else "train", held(params)))
+            unit.register_forward_pre_hook(sample)
+    return model, tokenizer, error
+
+losa.shard_model = measured
+losa.main(sys.argv[3:])
+with open(f"{sys.argv[2]}.{losa.world()[0]}.json", "w") as f:
+    json.dump(samples, f)
+"""
+
+
+def test_fsdp_gives_the_one_process_model_holding_half_the_weights_and_one_block(tiny_run):
+    """A tiny Llama whose block outweighs each embedding (untied: the embeddings, the final norm and the head are
+    FSDP units of their own). Each process holds half of every parameter, and in any forward (pruning pass or
+    fine-tuning) one gathered unit more: never more than one block."""
+    tmp, base = tiny_run
+    wide = tiny_llama(layers=2, hidden=32, mlp=16384)
+    wide.save_pretrained(tmp / "wide")
+    AutoTokenizer.from_pretrained(tmp / "model").save_pretrained(tmp / "wide")
+    flags = base + ["--model", tmp / "wide", *UNEVEN]
+    run = processes(1, flags + ["--out", tmp / "one"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    (tmp / "held.py").write_text(HELD)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          tmp / "held.py", HERE, tmp / "held", *map(str, flags), "--fsdp", "--out", tmp / "two"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
     assert_same_model(tmp / "one", tmp / "two")
     one, two = (json.loads((tmp / d / "losa_report.json").read_text()) for d in ("one", "two"))
-    assert [s["updates"] for s in one["steps"]] == [2, 2]  # 4 then 6 micro-batches of 2 examples, 3 per update
     assert_same_steps(one["steps"], two["steps"])
-    assert (one["machine"]["processes"], two["machine"]["processes"], two["machine"]["backend"]) == (1, 2, "gloo")
-    assert sorted(p.name for p in (tmp / "two").iterdir()) == sorted(p.name for p in (tmp / "one").iterdir())
-    assert not list(tmp.glob("*.tmp-*"))  # one folder, written once, nothing staged left behind
+    assert two["machine"]["fsdp"] and two["sparsity"] == one["sparsity"]
+    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
+    model, block = nbytes(wide.parameters()), nbytes(wide.model.layers[0].parameters())
+    assert block > nbytes(wide.model.embed_tokens.parameters())
+    for rank in (0, 1):
+        samples = json.loads((tmp / f"held.{rank}.json").read_text())
+        peak = {kind: max(v for k, v in samples if k == kind) for kind in ("load", "prune", "train")}
+        assert len(samples) > 100 and peak["load"] <= model / 2
+        assert model / 2 + block / 2 < peak["prune"] <= model / 2 + block  # a block is gathered, and only one
+        assert peak["train"] <= model / 2 + block
 
 
 def test_two_processes_compare_gives_the_one_process_rows(tiny_run):
@@ -1974,6 +2052,7 @@ def test_two_processes_stop_with_one_line_and_write_nothing(tiny_run):
     loss, seen by both processes in the summed loss: both stop, exit 1, one line, nothing written."""
     tmp, base = tiny_run
     for flags, code, message in ((["--sparsity", "2"], 2, "--sparsity must be in [0, 1)"),
+                                 (["--fsdp", "--model", "/nonexistent/model"], 2, "cannot load model"),
                                  (["--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step")):
         run = processes(2, base + flags + ["--out", tmp / "out"])
         output = run.stdout + run.stderr
