@@ -1999,12 +1999,13 @@ with open(f"{sys.argv[2]}.{losa.world()[0]}.json", "w") as f:
 def test_fsdp_gives_the_one_process_model_holding_half_the_weights_and_one_block(tiny_run):
     """A tiny Llama whose block outweighs each embedding (untied: the embeddings, the final norm and the head are
     FSDP units of their own). Each process holds half of every parameter, and in any forward (pruning pass or
-    fine-tuning) one gathered unit more: never more than one block."""
+    fine-tuning, here with --grad-checkpoint: its recomputing forwards too) one gathered unit more: never more than
+    one block."""
     tmp, base = tiny_run
     wide = tiny_llama(layers=2, hidden=32, mlp=16384)
     wide.save_pretrained(tmp / "wide")
     AutoTokenizer.from_pretrained(tmp / "model").save_pretrained(tmp / "wide")
-    flags = base + ["--model", tmp / "wide", *UNEVEN]
+    flags = base + ["--model", tmp / "wide", *UNEVEN, "--grad-checkpoint"]
     run = processes(1, flags + ["--out", tmp / "one"])
     assert run.returncode == 0, run.stderr[-3000:]
     (tmp / "held.py").write_text(HELD)
