@@ -23,6 +23,8 @@ matrices and a dense stream instead of stored features and outputs (host memory 
     python losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --pruner wanda,sparsegpt --compare
     # data-parallel fine-tuning on 8 GPUs, the same updates as one process:
     torchrun --nproc-per-node 8 losa.py --model meta-llama/Llama-2-7b-hf --sparsity 0.7 --batch-size 1 --grad-accum 8
+    # LLaMA-2-70B, its weights sharded over 2 GPUs with FSDP2:
+    torchrun --nproc-per-node 2 losa.py --model meta-llama/Llama-2-70b-hf --sparsity 0.7 --fsdp --grad-checkpoint
 """
 import argparse
 import atexit
@@ -861,9 +863,10 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
 #
 # Every process prunes on all calibration windows (the pruning pass is one process's), then fine-tunes on its
 # share of each update's micro-batches; gradients and loss are summed over the processes, so every update is
-# the single-process update. With --fsdp every block and the root are sharded by FSDP2 (a process holds 1/N
-# of each parameter's rows); work on whole weights (pruning, merging) runs inside whole(block), and the LoRA
-# stays whole on every process. Outside torchrun none of this does anything.
+# the single-process update. With --fsdp every block, every other module with its own (untied) weights and the
+# root are sharded by FSDP2 (a process holds 1/N of each parameter's rows); work on whole weights (pruning,
+# merging) runs inside whole(block), and the LoRA stays whole on every process. Outside torchrun none of this
+# does anything.
 
 
 def world():
