@@ -2050,11 +2050,13 @@ def test_two_processes_compare_gives_the_one_process_rows(tiny_run):
 
 def test_two_processes_stop_with_one_line_and_write_nothing(tiny_run):
     """A bad flag: each process exits 2 (torchrun's report names the code), losa.py's line once. A non-finite
-    loss, seen by both processes in the summed loss: both stop, exit 1, one line, nothing written."""
+    loss, seen by both processes in the summed loss (with and without --fsdp): both stop, exit 1, one line, nothing
+    written."""
     tmp, base = tiny_run
     for flags, code, message in ((["--sparsity", "2"], 2, "--sparsity must be in [0, 1)"),
                                  (["--fsdp", "--model", "/nonexistent/model"], 2, "cannot load model"),
-                                 (["--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step")):
+                                 (["--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step"),
+                                 (["--fsdp", "--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step")):
         run = processes(2, base + flags + ["--out", tmp / "out"])
         output = run.stdout + run.stderr
         assert run.returncode != 0 and output.count("losa.py: error:") == 1 and message in output
