@@ -13,8 +13,9 @@ Benchmarks for losa.py on random Llama models, every figure measured side by sid
      weights, CSR otherwise), the rest of the model unchanged: MODEL's greedy decode (KV cache) and prefill;
      mat-vec at LLaMA-2-7B shapes, 50-80 % unstructured and 2:4, with the crossover; memory of each format
   5. with --processes N, instead: losa.finetune and the pruning pass under torchrun, N processes against one
-     (gloo on CPU, NCCL on GPUs; one torch thread each on CPU), launched in turn: fine-tuning tokens/s and
-     its speed-up against the ideal N, and the pruning pass's time (every process prunes on all windows)
+     (gloo on CPU, NCCL on GPUs; one torch thread each on CPU), launched in turn, whole models and sharded
+     (FSDP2, as losa.py --fsdp): fine-tuning tokens/s and its speed-up against the ideal N, and the pruning
+     pass's time (every process prunes on all windows)
 
     python bench.py                                   # 2-core CPU, < 5 min
     python bench.py --device cuda --dtype bfloat16 --width 4096 --layers 2
@@ -73,6 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--accum", type=int, default=4, help="--processes: micro-batches (of --batch) per update")
     p.add_argument("--_peak", type=int, help=argparse.SUPPRESS)  # internal: run the memory test for this depth
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)  # internal: one torchrun process
+    p.add_argument("--_fsdp", action="store_true", help=argparse.SUPPRESS)  # internal: the worker shards (FSDP2)
     return p.parse_args(argv)
 
 
@@ -213,11 +215,15 @@ def peak_child(L):
 
 
 def processes_worker():
-    """One torchrun process: the same random model everywhere, timed losa.finetune updates (the first one a
-    warm-up) and one pruning pass; the first process prints the times as JSON."""
+    """One torchrun process: the same random model everywhere (--_fsdp: sharded as losa.py --fsdp shards it),
+    timed losa.finetune updates (the first one a warm-up) and one pruning pass; the first process prints the
+    times as JSON."""
     args.device = losa.start_processes(args.device)
     w, accum = int(args.width.split(",")[0]), args.accum
-    model = masked(build(w, args.layers, args.seqlen), 0.1)
+    model = build(w, args.layers, args.seqlen)
+    if args._fsdp:
+        model = losa.shard_model(model, None, None, args.device)[0].requires_grad_(False)
+    model = masked(model, 0.1)
     mods = [m for m in model.modules() if isinstance(m, losa.MaskedLoRALinear)]
     gen = torch.Generator().manual_seed(0)
     batch = lambda: dict(input_ids=(ids := torch.randint(1024, (args.batch, args.seqlen), generator=gen)),
@@ -249,15 +255,18 @@ def processes_table():
     flags = ["--_worker", "--width", str(w), "--layers", str(args.layers), "--batch", str(args.batch),
              "--seqlen", str(args.seqlen), "--accum", str(args.accum), "--repeats", str(args.repeats),
              "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--device", args.device]
-    runs = {1: [], n: []}
+    names = {1: "1 process", n: f"{n} processes", "fsdp": f"{n} processes, --fsdp"}
+    runs = {1: [], n: [], "fsdp": []}
     for _ in range(2):
         for k in runs:
-            print(f"{k} process{'es' if k > 1 else ''} ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", __file__]
+            print(f"{names[k]} ...", file=sys.stderr, flush=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={n if k == 'fsdp' else k}", __file__]
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            out = subprocess.run(cmd + flags, capture_output=True, text=True, env=env)
+            out = subprocess.run(cmd + flags + (["--_fsdp"] if k == "fsdp" else []), capture_output=True, text=True,
+                                 env=env)
             if out.returncode:
-                sys.exit(f"torchrun with {k} processes failed:\n{out.stderr[-3000:]}")
+                sys.exit(f"torchrun with {names[k]} failed:\n{out.stderr[-3000:]}")
             runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {k: {key: statistics.median(r[key] for r in rs) for key in ("update", "prune")} for k, rs in runs.items()}
     tokens = runs[1][0]["tokens"]
@@ -265,13 +274,14 @@ def processes_table():
           f"random Llama w={w}, {args.layers} blocks, r={R}; an update = {args.accum} micro-batches of "
           f"{args.batch}x{args.seqlen} tokens; median of 2 launches x {args.repeats} updates")
     for k in runs:
-        print(f"fine-tune tokens/s, {k} process{'es' if k > 1 else ''}: {tokens / med[k]['update']:.0f}")
-    print(f"speed-up of {n} processes: {med[1]['update'] / med[n]['update']:.2f} (ideal {n})")
+        print(f"fine-tune tokens/s, {names[k]}: {tokens / med[k]['update']:.0f}")
+    for k in (n, "fsdp"):
+        print(f"speed-up of {names[k]}: {med[1]['update'] / med[k]['update']:.2f} (ideal {n})")
     for k in runs:
-        print(f"pruning pass (grams + wanda prune_blocks), {k} process{'es' if k > 1 else ''}: "
-              f"{1e3 * med[k]['prune']:.0f} ms")
-    print(f"pruning pass, {n} processes / 1: {med[n]['prune'] / med[1]['prune']:.2f} (every process prunes on all "
-          "windows: 1 is the ideal)")
+        print(f"pruning pass (grams + wanda prune_blocks), {names[k]}: {1e3 * med[k]['prune']:.0f} ms")
+    for k in (n, "fsdp"):
+        print(f"pruning pass, {names[k]} / 1: {med[k]['prune'] / med[1]['prune']:.2f} (every process prunes on all "
+              "windows: 1 is the ideal)")
 
 
 # ------------------------------------------------------------------------------------------------
