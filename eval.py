@@ -21,6 +21,7 @@ import sys
 from collections import namedtuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -86,14 +87,31 @@ def load_model(name, device="cpu", dtype="float32"):
     return model.to(device).eval(), tokenizer
 
 # -----------------------------------------------------------------------------
+# several processes (losa.py --compare under torchrun): each scores its share of the batches
+
+def dealt(batches, share):
+    """The batches this process scores: all of them, or with `share` under torch.distributed batch k, k + N, ...
+    on process k of N (each batch as one process forms it, so every score is one process's)."""
+    if share and dist.is_initialized():
+        return batches[dist.get_rank() :: dist.get_world_size()]
+    return batches
+
+
+def summed(scores, share):
+    """Each process's scores, zero where another process scored -> every process's (adding zeros is exact)."""
+    if share and dist.is_initialized():
+        dist.all_reduce(scores)
+    return scores
+
+# -----------------------------------------------------------------------------
 # perplexity
 
 @torch.no_grad()
-def perplexity(model, input_ids, seqlen, batch_size=1, progress=False, bos=None):
+def perplexity(model, input_ids, seqlen, batch_size=1, progress=False, bos=None, share=False):
     """exp(mean over non-overlapping seqlen windows of the window's mean next-token cross-entropy).
 
     With `bos` (a token id) a window is BOS + the next seqlen - 1 tokens of input_ids; the loss
-    covers those seqlen - 1 tokens, as many as without it.
+    covers those seqlen - 1 tokens, as many as without it. `share`: see dealt().
     """
     ids = input_ids.reshape(-1)
     step = seqlen - (bos is not None)  # tokens of input_ids per window
@@ -104,13 +122,13 @@ def perplexity(model, input_ids, seqlen, batch_size=1, progress=False, bos=None)
     if bos is not None:
         windows = F.pad(windows, (1, 0), value=bos)
     windows = windows.to(model.device)  # (n, seqlen)
-    losses = []
-    for i in tqdm(range(0, n, batch_size), desc="perplexity", disable=not progress):
+    losses = torch.zeros(n, device=windows.device)
+    for i in tqdm(dealt(range(0, n, batch_size), share), desc="perplexity", disable=not progress):
         x = windows[i : i + batch_size]
         logits = model(x).logits[:, :-1].float()  # predict tokens 1..seqlen-1
         ce = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (b, seqlen-1)
-        losses.append(ce.mean(dim=1))
-    return math.exp(torch.cat(losses).mean().item())
+        losses[i : i + batch_size] = ce.mean(dim=1)
+    return math.exp(summed(losses, share).mean().item())
 
 # -----------------------------------------------------------------------------
 # zero-shot tasks
@@ -167,8 +185,8 @@ def encode_request(tokenizer, context, continuation, add_bos=False):
 
 
 @torch.no_grad()
-def loglikelihoods(model, tokenizer, requests, batch_size, add_bos=False, max_length=None):
-    """[(context, continuation)] -> [sum of float32 log p(continuation tokens | context)]."""
+def loglikelihoods(model, tokenizer, requests, batch_size, add_bos=False, max_length=None, share=False):
+    """[(context, continuation)] -> [sum of float32 log p(continuation tokens | context)]; `share`: see dealt()."""
     max_length = max_length or model.config.max_position_embeddings
     rows = []  # (input ids, continuation ids)
     for context, continuation in requests:
@@ -177,7 +195,7 @@ def loglikelihoods(model, tokenizer, requests, batch_size, add_bos=False, max_le
         rows.append(((ctx_ids + cont_ids)[-(max_length + 1) :][:-1], cont_ids))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # longest first: padding stays small
     scores = [0.0] * len(rows)
-    for b in tqdm(range(0, len(order), batch_size), desc="loglikelihood", leave=False):
+    for b in tqdm(dealt(range(0, len(order), batch_size), share), desc="loglikelihood", leave=False):
         batch = order[b : b + batch_size]
         T = len(rows[batch[0]][0])
         ids = torch.zeros(len(batch), T, dtype=torch.long)
@@ -191,7 +209,7 @@ def loglikelihoods(model, tokenizer, requests, batch_size, add_bos=False, max_le
             logp = logits[j, len(inp) - len(cont) : len(inp)].float().log_softmax(-1)  # (len(cont), vocab)
             target = torch.tensor(cont, device=logp.device)
             scores[i] = logp.gather(1, target[:, None]).sum().item()
-    return scores
+    return summed(torch.tensor(scores, dtype=torch.float64, device=model.device), share).tolist() if share else scores
 
 
 def score_choices(lls, gold, choice_lens=None):
@@ -204,11 +222,12 @@ def score_choices(lls, gold, choice_lens=None):
     return acc, float(argmax([ll / n for ll, n in zip(lls, choice_lens)]) == gold)
 
 
-def evaluate_task(model, tokenizer, task, docs, batch_size, add_bos=False):
-    """-> (results {acc, acc_norm, n}, samples). All choices of all documents go in one batch queue."""
+def evaluate_task(model, tokenizer, task, docs, batch_size, add_bos=False, share=False):
+    """-> (results {acc, acc_norm, n}, samples). All choices of all documents go in one batch queue (`share`: see
+    dealt())."""
     built = [build_requests(task, doc) for doc in docs]
     flat = [r for reqs, _ in built for r in reqs]
-    lls = loglikelihoods(model, tokenizer, flat, batch_size, add_bos=add_bos)
+    lls = loglikelihoods(model, tokenizer, flat, batch_size, add_bos=add_bos, share=share)
     accs, norms, samples, k = [], [], [], 0
     for i, (reqs, gold) in enumerate(built):
         doc_lls, k = lls[k : k + len(reqs)], k + len(reqs)

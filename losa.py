@@ -226,6 +226,7 @@ def decoder_layers(model):
 @torch.no_grad()
 def capture_block_inputs(model, input_ids):
     """input_ids (N, seqlen) -> (x (N, seqlen, d): inputs of block 0, kwargs[l]: keyword arguments of block l).
+    Several processes: x holds this process's windows only (my_share).
 
     Blocks of different layer types (sliding-window or full attention) get their own position
     embeddings and mask. These depend on the sequence length alone, so the first sequence runs
@@ -246,16 +247,17 @@ def capture_block_inputs(model, input_ids):
         b.register_forward_pre_hook(lambda m, a, kw, l=l: grab(l, a, kw), with_kwargs=True)
         for l, b in enumerate(layers)
     ]
+    mine = my_share(len(input_ids))  # several processes: windows k, k + N, ... (and padding, for FSDP)
     try:
-        for ids in input_ids:
+        for i in mine:
             try:
-                model(ids[None].to(model.device), use_cache=False)
+                model(input_ids[i % len(input_ids)][None].to(model.device), use_cache=False)
             except _Captured:
                 release(model)  # --fsdp: a stopped forward leaves what it gathered
     finally:
         for h in hooks:
             h.remove()
-    return torch.cat(xs), kwargs
+    return torch.cat(xs[: sum(i < len(input_ids) for i in mine)]), kwargs
 
 
 @torch.no_grad()
@@ -380,16 +382,24 @@ PRUNERS = {
 
 @torch.no_grad()
 def input_statistics(block, x, kwargs, statistic, scale, out=None):
-    """Run the block over x with hooks on its projections -> name -> scale * token mean of statistic.
-    A buffer `out` (shaped as x) receives the block's outputs."""
+    """Run the block over x with hooks on its projections -> name -> scale * token mean of statistic (several
+    processes: over every process's windows; None where another process prunes the projection, see owners).
+    A buffer `out` (shaped as x) receives the block's outputs. A vector statistic (Wanda's) is kept per window
+    and summed in window order, an order several processes keep exactly; a matrix (SparseGPT's H) is summed
+    as the windows come."""
     sums, counts, hooks, seen = {}, {}, [], {}
-    for name, lin in projections(block).items():
+    lins = projections(block)
+    for name, lin in lins.items():
 
         def hook(mod, inp, out, name=name):
             x_in = inp[0]  # q, k, v (and gate, up) share one input: its statistic is computed once
             if x_in.data_ptr() not in seen:  # `seen` holds x_in itself, so its address is not reused
                 seen[x_in.data_ptr()] = x_in, statistic(x_in.reshape(-1, x_in.shape[-1]).float())
-            sums[name] = sums.get(name, 0) + seen[x_in.data_ptr()][1]
+            s = seen[x_in.data_ptr()][1]
+            if s.dim() == 1:
+                sums.setdefault(name, []).append(s)
+            else:
+                sums[name] = sums.get(name, 0) + s
             counts[name] = counts.get(name, 0) + x_in[..., 0].numel()
 
         hooks.append(lin.register_forward_hook(hook))
@@ -403,7 +413,9 @@ def input_statistics(block, x, kwargs, statistic, scale, out=None):
     finally:
         for h in hooks:
             h.remove()
-    return {name: scale * sums[name] / counts[name] for name in sums}
+    sums, counts = over_all_windows(sums, counts, lins, len(x))  # several processes: every process's windows
+    total = lambda s: sum(s) if isinstance(s, list) else s  # sum(): s_1 + s_2 + ... in window order
+    return {name: None if s is None else scale * total(s) / counts[name] for name, s in sums.items()}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -418,6 +430,7 @@ def reconstruction_error(dense_out, sparse_out):
         fd = fd.double()
         sq += (fd * fd).sum(0).cpu()
         diff += ((fd - fs.double()) ** 2).sum(0).cpu()
+    summed_(sq, diff)  # several processes: the sums over every process's windows
     return (diff / sq.clamp_min(1e-300)).sum().item() / d  # (1/d) sum_c diff_c / sigma_c^2
 
 
@@ -449,14 +462,16 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None, 
             stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale, before)
             used = {}
             for name, lin in lins.items():
+                if stats[name] is None:  # several processes, SparseGPT: another process prunes this one
+                    continue
                 try:
-                    # .base: the projection inside a LoRA wrapper
-                    _, used[name.removesuffix(".base")] = prune_(lin.weight.data, stats[name], sparsities[l], nm)
-                except IllConditionedHessian as e:
-                    raise IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}") from None
+                    _, used[name] = prune_(lin.weight.data, stats[name], sparsities[l], nm)
+                except IllConditionedHessian as e:  # .base: the projection inside a LoRA wrapper
+                    used[name] = IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}")
+            used = from_owners(lins, used)  # several processes: every pruned weight everywhere; raises an error
             run_block(block, sparse_x, kwargs[l])
         if damping is not None:
-            damping.append(used)
+            damping.append({name.removesuffix(".base"): d for name, d in used.items()})
         errors.append(reconstruction_error(dense_x, sparse_x))
         if local is not None:
             local.append(reconstruction_error(before, sparse_x))  # block l alone, before vs after pruning
@@ -475,12 +490,14 @@ def sparsity_delta(s_t):
     return 0.01 if s_t <= 0.5 else 0.02 if s_t <= 0.6 else 0.03  # delta_t
 
 
-def gram(x):
-    """K = X X^T (n x n) for X = x flattened to one row per sequence, accumulated in float64."""
+def gram(x, n=None, everyone=lambda c: c):
+    """K = X X^T (n x n) for X = x flattened to one row per sequence, accumulated in float64. Several processes
+    (gram_over_processes): x is this process's rows of X, everyone(c) a chunk's rows on every process, and K
+    this process's rows of K."""
     X, K = x.reshape(len(x), -1), 0
-    for c in X.split(max(1, (1 << 21) // len(x)), dim=1):  # chunks of 2M elements
+    for c in X.split(max(1, (1 << 21) // (n or len(x))), dim=1):  # chunks of 2M elements
         c = c.double()
-        K = K + c @ c.T
+        K = K + c @ everyone(c).T
     return K.cpu()
 
 
@@ -488,7 +505,7 @@ def block_grams(model, x, kwargs):
     """Gram matrices of the inputs of every block (block 0: the embeddings) through the model."""
     x, grams = x.clone(), []
     for block, kw in zip(decoder_layers(model), kwargs, strict=True):
-        grams.append(gram(x))
+        grams.append(gram_over_processes(x))  # several processes: K over every process's windows
         run_block(block, x, kw)
     return grams
 
@@ -806,7 +823,7 @@ def step_sparsities(model, x0, kwargs, s_t, cfg):
     L = len(decoder_layers(model))
     if not cfg.rmi or cfg.nm:
         return [s_t] * L
-    C = rmi_matrix(block_grams(model, x0[: cfg.rmi_samples], kwargs))
+    C = rmi_matrix(block_grams(model, x0[: len(my_windows(cfg.rmi_samples))], kwargs))  # the first rmi_samples
     return layer_sparsities(C, s_t, sparsity_delta(s_t), cfg.beta)
 
 
@@ -861,12 +878,15 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
 # -----------------------------------------------------------------------------------------------
 # several processes: torchrun --nproc-per-node N losa.py ... [--fsdp]
 #
-# Every process prunes on all calibration windows (the pruning pass is one process's), then fine-tunes on its
+# Calibration windows are dealt out as micro-batches are (process k of N holds windows k, k + N, ...), and the
+# pruning pass sums over the processes what it sums over tokens: Wanda's norms (gathered per window, so summed in
+# one process's order), SparseGPT's H (onto the process that prunes the projection, which sends the pruned
+# weight to all), the reconstruction error's per-channel sums and the RMI Gram matrices. Fine-tuning takes its
 # share of each update's micro-batches; gradients and loss are summed over the processes, so every update is
-# the single-process update. With --fsdp every block, every other module with its own (untied) weights and the
-# root are sharded by FSDP2 (a process holds 1/N of each parameter's rows); work on whole weights (pruning,
-# merging) runs inside whole(block), and the LoRA stays whole on every process. Outside torchrun none of this
-# does anything.
+# the single-process update. --compare's scoring deals out its batches and sums their log-likelihoods. With
+# --fsdp every block, every other module with its own (untied) weights and the root are sharded by FSDP2 (a
+# process holds 1/N of each parameter's rows); work on whole weights (pruning, merging) runs inside
+# whole(block), and the LoRA stays whole on every process. Outside torchrun none of this does anything.
 
 
 def world():
@@ -898,6 +918,97 @@ def my_share(n):
     the next multiple of N (an index >= n is a padding micro-batch: every process runs as many forwards)."""
     rank, size = world()
     return range(rank, -(-n // size) * size, size)
+
+
+def my_windows(n):
+    """The indices of n calibration windows this process holds: k, k + N, k + 2N, ... on process k of N."""
+    rank, size = world()
+    return range(rank, n, size)
+
+
+def all_windows(t, n):
+    """(this process's windows, ...) -> (n, ...): every process's, in window order, on every process."""
+    rank, size = world()
+    if size == 1:
+        return t
+    rows = torch.zeros((-(-n // size), *t.shape[1:]), dtype=t.dtype, device=t.device)  # process 0 holds the most
+    rows[: len(t)] = t
+    parts = [torch.empty_like(rows) for _ in range(size)]
+    dist.all_gather(parts, rows)
+    return torch.stack(parts, dim=1).flatten(0, 1)[:n]  # row i of process k is window k + N i
+
+
+def summed_(*tensors):
+    """Sum each tensor over the processes, in place, in one all-reduce (float64 stays float64)."""
+    if world()[1] > 1:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        for t, s in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(s.view_as(t))
+
+
+def gram_over_processes(x):
+    """K (n x n) over every process's windows: each process computes its rows against every window, chunk by
+    chunk of features (so no process holds all windows' activations), and the rows are gathered."""
+    if world()[1] == 1:
+        return gram(x)
+    n = torch.tensor([len(x)], dtype=torch.float64, device=x.device)
+    summed_(n)
+    n = int(n.item())
+    return all_windows(gram(x, n, lambda c: all_windows(c, n)).to(x.device), n).cpu()
+
+
+def owners(shapes, size):
+    """Projection -> the process that prunes it with SparseGPT: the largest first, each to the least loaded,
+    counting a projection's work as its columns (the OBS sweep goes column by column; on a GPU every column is a
+    few small kernels)."""
+    load, owner = [0] * size, {}
+    for name in sorted(shapes, key=lambda name: -shapes[name][1]):  # sorted() is stable: ties keep block order
+        owner[name] = min(range(size), key=lambda k: load[k])
+        load[owner[name]] += shapes[name][1]
+    return owner
+
+
+def over_all_windows(sums, counts, lins, windows):
+    """The statistics and token counts of this process's `windows` -> of every process's: a vector's per-window
+    values gathered in window order; a matrix summed onto its projection's owner, None on the other processes."""
+    rank, size = world()
+    if size == 1:
+        return sums, counts
+    names = list(sums)
+    total = torch.tensor([counts[n] for n in names] + [windows], dtype=torch.float64,
+                         device=lins[names[0]].weight.device)
+    summed_(total)  # token counts, then windows
+    *tokens, n = (int(v) for v in total.tolist())
+    counts = dict(zip(names, tokens))
+    owner = owners({name: lins[name].weight.shape for name in names}, size)
+    for name, s in sums.items():
+        if isinstance(s, list):
+            sums[name] = list(all_windows(torch.stack(s), n))
+        else:
+            dist.reduce(s, owner[name])
+            sums[name] = s if rank == owner[name] else None
+    return sums, counts
+
+
+def from_owners(lins, used):
+    """{projection: SparseGPT's damping, None (Wanda) or an error} of the projections this process pruned ->
+    of all of them, with each pruned weight sent from its owner to every process (Wanda's ran everywhere);
+    the first error, of any process, is raised on every one."""
+    rank, size = world()
+    everyone = [used]
+    if size > 1:
+        everyone = [None] * size
+        dist.all_gather_object(everyone, {n: str(v) if isinstance(v, Exception) else v for n, v in used.items()})
+    result = {}
+    for name, lin in lins.items():
+        holders = [k for k in range(size) if name in everyone[k]]
+        result[name] = everyone[holders[0]][name]
+        if isinstance(result[name], (Exception, str)):
+            raise IllConditionedHessian(str(result[name]))
+        if len(holders) == 1 and size > 1:
+            dist.broadcast(lin.weight.data, holders[0])
+    return result
 
 
 def all_reduce_(params, loss):
@@ -1144,8 +1255,9 @@ def scorer(model, tokenizer, texts, docs, seqlen, batch_size, bos=None):
             raise ValueError(f"the perplexity text {name} has {t.numel()} tokens, fewer than one window of {seqlen}")
 
     def score():
-        ppl = {name: perplexity(model, t, seqlen, batch_size, progress=True, bos=bos) for name, t in ids.items()}
-        acc = {t: evaluate_task(model, tokenizer, t, d, batch_size)[0]["acc"] for t, d in docs.items()}
+        # share: several processes score their share of the batches
+        ppl = {name: perplexity(model, t, seqlen, batch_size, True, bos, share=True) for name, t in ids.items()}
+        acc = {t: evaluate_task(model, tokenizer, t, d, batch_size, share=True)[0]["acc"] for t, d in docs.items()}
         return dict(ppl=ppl, acc=acc, mean_acc=sum(acc.values()) / len(acc) if acc else None)
 
     return score
@@ -1372,6 +1484,9 @@ def validate(args):
         raise ValueError("--seqlen and --max-len must be at least 2")
     if not args.no_rmi and args.nsamples < 2:
         raise ValueError("RMI needs at least 2 calibration sequences (--nsamples), or pass --no-rmi")
+    if min(args.nsamples, 64) < world()[1]:  # RMI reads the first min(64, nsamples)
+        raise ValueError(f"every process holds calibration sequences of its own: --nsamples must be at least the "
+                         f"number of processes ({world()[1]}, at most 64)")
     if not 1 <= args.mean_rank or args.mean_rank + args.steps - 1 > args.r_max:
         raise ValueError(f"ranks cannot hold: need 1 <= --mean-rank and --mean-rank + steps - 1 <= --r-max "
                          f"({args.mean_rank} + {args.steps - 1} > {args.r_max})")

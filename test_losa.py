@@ -1897,17 +1897,68 @@ def test_cli_rank_rule_rows_share_the_data_and_follow_their_errors(tiny_run, cap
 # several processes: torchrun, gloo, one torch thread each, against one process with the same flags
 
 
-def processes(n, args):
-    """losa.py with these flags under torchrun with n processes, or as one plain process (n = 1)."""
+def processes(n, args, script=None):
+    """losa.py (or `script`) with these flags under torchrun with n processes, or as one plain process (n = 1)."""
     launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                               f"--nproc-per-node={n}"]
-    return subprocess.run([*launch, os.path.join(HERE, "losa.py"), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    return subprocess.run([*launch, script or os.path.join(HERE, "losa.py"), *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
 
 
-def assert_same_model(one, two):
+# losa.main with every block's zero pattern recorded right after it is pruned (from_owners: the whole weights,
+# also under --fsdp), at every step, and the number of calibration windows this process captured
+RECORD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import save_file
+import losa
+
+masks, windows, from_owners, capture = {}, [], losa.from_owners, losa.capture_block_inputs
+
+def recorded(lins, used):
+    result, call = from_owners(lins, used), len(masks) // len(lins)
+    for name, lin in lins.items():
+        masks[f"{call}.{name}"] = (lin.weight != 0).contiguous()
+    return result
+
+def captured(model, ids):
+    x, kwargs = capture(model, ids)
+    windows.append(len(x))
+    return x, kwargs
+
+losa.from_owners, losa.capture_block_inputs = recorded, captured
+losa.main(sys.argv[3:])
+save_file(masks, f"{sys.argv[2]}.{losa.world()[0]}.safetensors", metadata=dict(windows=json.dumps(windows)))
+"""
+
+
+def recorded_runs(tmp, flags, runs):
+    """runs: (processes, folder, extra flags) -> per folder (the zero patterns of rank 0, the windows of each
+    rank), each run checked to succeed."""
+    from safetensors import safe_open
+
+    (tmp / "record.py").write_text(RECORD)
+    seen = {}
+    for n, out, extra in runs:
+        run = processes(n, [HERE, tmp / f"{out}-masks", *flags, *extra, "--out", tmp / out], tmp / "record.py")
+        assert run.returncode == 0, run.stderr[-3000:]
+        files = [safe_open(tmp / f"{out}-masks.{rank}.safetensors", "pt") for rank in range(n)]
+        seen[out] = ({k: files[0].get_tensor(k) for k in files[0].keys()},
+                     [json.loads(f.metadata()["windows"]) for f in files])
+    return seen
+
+
+def assert_identical_model(one, two):
+    """Two saved folders hold the same tensors, bit for bit."""
+    a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (one, two))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_same_model(one, two, scale=1e-6):
     """Two saved LoSA folders: the same zeros per row, the zero pattern in >= 99.9 % of the weights, every weight
-    within 1e-4 relative."""
+    within 1e-4 relative or `scale` times its tensor's largest."""
     a, b = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (one, two))
     assert a.keys() == b.keys()
     agree = total = 0
@@ -1916,13 +1967,14 @@ def assert_same_model(one, two):
             assert torch.equal((a[k] == 0).sum(1), (b[k] == 0).sum(1)), k
             agree, total = agree + ((a[k] == 0) == (b[k] == 0)).sum().item(), total + a[k].numel()
         kept = (a[k] != 0) & (b[k] != 0)
-        torch.testing.assert_close(b[k][kept], a[k][kept], rtol=1e-4, atol=1e-6 * a[k].abs().max().item())
+        torch.testing.assert_close(b[k][kept], a[k][kept], rtol=1e-4, atol=scale * a[k].abs().max().item())
     assert total and agree / total >= 0.999
 
 
-def assert_same_steps(one, two):
-    """Per-step reports: step 1 pruned alike (its errors and layer sparsities exactly), every loss within 1e-4."""
-    assert [s["reconstruction_error"] for s in one[:1]] == [s["reconstruction_error"] for s in two[:1]]
+def assert_same_steps(one, two, rel=1e-9):
+    """Per-step reports: step 1 pruned alike (its layer sparsities exactly, its errors within `rel`: sums over the
+    windows of each process, added), every loss within 1e-4."""
+    assert two[0]["reconstruction_error"] == pytest.approx(one[0]["reconstruction_error"], rel=rel)
     assert one[0]["layer_sparsity"] == two[0]["layer_sparsity"] and len(one) == len(two)
     for s1, s2 in zip(one, two):
         assert s1["ranks"] == s2["ranks"] and s1["updates"] == s2["updates"] > 0
@@ -1932,24 +1984,58 @@ def assert_same_steps(one, two):
 UNEVEN = ["--batch-size", "2", "--grad-accum", "3", "--train-samples", "20"]  # T = 2: 4 then 6 micro-batches
 
 
+def test_two_processes_prune_their_share_of_the_windows_to_the_one_process_masks(tiny_run):
+    """Wanda on a tiny Llama whose MLP width (127) does not divide by 2 (--fsdp: uneven rows, the padding paths of
+    gathered() and whole()), 5 calibration windows (3 and 2 per process), two steps: every process captures only
+    its windows, and every mask of every step, the layer sparsities and ranks are one process's; the errors agree
+    to 1e-9; the data-parallel and the sharded model are one process's, bit for bit."""
+    tmp, base = tiny_run
+    tiny_llama(mlp=127).save_pretrained(tmp / "odd")
+    AutoTokenizer.from_pretrained(tmp / "model").save_pretrained(tmp / "odd")
+    flags = base + ["--model", tmp / "odd", "--nsamples", "5"]
+    seen = recorded_runs(tmp, flags, ((1, "one", []), (2, "two", []), (2, "sharded", ["--fsdp"])))
+    masks, windows = seen["one"]
+    assert windows == [[5]] and len(masks) == 2 * 4 * 7  # two steps of four blocks of seven projections
+    one = json.loads((tmp / "one" / "losa_report.json").read_text())["steps"]
+    for out in ("two", "sharded"):
+        assert seen[out][1] == [[3], [2]]  # windows 0, 2, 4 and 1, 3
+        assert seen[out][0].keys() == masks.keys()
+        for k in masks:
+            assert torch.equal(seen[out][0][k], masks[k]), (out, k)
+        two = json.loads((tmp / out / "losa_report.json").read_text())["steps"]
+        for s1, s2 in zip(one, two, strict=True):
+            assert s2["layer_sparsity"] == s1["layer_sparsity"] and s2["ranks"] == s1["ranks"]
+            assert s2["reconstruction_error"] == pytest.approx(s1["reconstruction_error"], rel=1e-9)
+            assert s2["train_loss"] == s1["train_loss"]
+        assert_identical_model(tmp / "one", tmp / out)
+
+
 def test_two_processes_give_the_one_process_model_with_fused_projections(tiny_run, tokenizer_dir):
     """Phi-3 (fused qkv_proj, gate_up_proj), SparseGPT (its threshold spans all rows of a column block), data-parallel
-    and sharded (--fsdp); one step (a second SparseGPT pass would amplify the last-digit differences of the summed
-    gradients beyond 1e-4 in a few near-zero weights), 10 micro-batches in updates of 3, 3, 3 and 1 (2 + 1 per
-    process, and a last update where process 1 runs a padding micro-batch). The Llama (two steps, Wanda) is the
-    --compare and parameter-bytes tests'."""
+    and sharded (--fsdp), 5 calibration windows (3 and 2 per process); each process sums H over its windows, the
+    sums meet on the projection's owner, which prunes it: every pruned block has one process's zeros per row and
+    its pattern in >= 99.9 % of the weights (H's float32 sums, added in another order). One step (a second
+    SparseGPT pass would amplify the last-digit differences of the summed gradients beyond 1e-4 in a few near-zero
+    weights), 10 micro-batches in updates of 3, 3, 3 and 1 (2 + 1 per process, and a last update where process 1
+    runs a padding micro-batch). The Llama (two steps, Wanda) is the windows, --compare and parameter-bytes
+    tests'."""
     tmp, base = tiny_run
     tiny_family("phi3", tmp / "phi3", tokenizer_dir)
-    flags = base + ["--model", tmp / "phi3", "--pruner", "sparsegpt", *UNEVEN, "--steps", "1"]
-    for n, out, extra in ((1, "one", []), (2, "two", []), (2, "sharded", ["--fsdp"])):
-        run = processes(n, flags + extra + ["--out", tmp / out])
-        assert run.returncode == 0, run.stderr[-3000:]
+    flags = base + ["--model", tmp / "phi3", "--pruner", "sparsegpt", *UNEVEN, "--steps", "1", "--nsamples", "5"]
+    seen = recorded_runs(tmp, flags, ((1, "one", []), (2, "two", []), (2, "sharded", ["--fsdp"])))
+    masks = seen["one"][0]
+    assert len(masks) == 3 * 4  # three blocks of four projections
+    for out in ("two", "sharded"):
+        assert seen[out][1] == [[3], [2]] and seen[out][0].keys() == masks.keys()
+        for k, m in masks.items():
+            assert torch.equal(seen[out][0][k].sum(1), m.sum(1)), (out, k)
+            assert (seen[out][0][k] == m).float().mean() >= 0.999, (out, k)
     one = json.loads((tmp / "one" / "losa_report.json").read_text())
     assert [s["updates"] for s in one["steps"]] == [4]  # 10 micro-batches of 2 examples, 3 per update
     for out, fsdp in (("two", False), ("sharded", True)):
-        assert_same_model(tmp / "one", tmp / out)
+        assert_same_model(tmp / "one", tmp / out, scale=1e-4)  # the OBS updates from H summed in another order
         two = json.loads((tmp / out / "losa_report.json").read_text())
-        assert_same_steps(one["steps"], two["steps"])
+        assert_same_steps(one["steps"], two["steps"], rel=1e-5)
         assert two["sparsity"] == one["sparsity"]
         assert (one["machine"]["processes"], two["machine"]["processes"], two["machine"]["backend"]) == (1, 2, "gloo")
         assert two["machine"]["fsdp"] is fsdp
@@ -2023,7 +2109,7 @@ def test_fsdp_gives_the_one_process_model_holding_half_the_weights_and_one_block
     for rank in (0, 1):
         samples = json.loads((tmp / f"held.{rank}.json").read_text())
         peak = {kind: max(v for k, v in samples if k == kind) for kind in ("load", "prune", "train")}
-        assert len(samples) > 100 and peak["load"] <= model / 2
+        assert len(samples) > 50 and peak["load"] <= model / 2
         assert model / 2 + block / 2 < peak["prune"] <= model / 2 + block  # a block is gathered, and only one
         assert peak["train"] <= model / 2 + block
 
@@ -2039,10 +2125,12 @@ def test_two_processes_compare_gives_the_one_process_rows(tiny_run):
     assert run.stdout.count("| Wanda w. LoSA |") == 1  # the table, printed once
     one, two = (json.loads((tmp / d / "compare.json").read_text()) for d in ("one", "two"))
     assert [(r["name"], r["seed"]) for r in two["rows"]] == [(r["name"], r["seed"]) for r in one["rows"]]
-    for r1, r2 in zip(one["rows"], two["rows"]):
-        assert r2["ppl"]["wikitext2"] == pytest.approx(r1["ppl"]["wikitext2"], rel=1e-4)
-        assert r2["acc"]["piqa"] == pytest.approx(r1["acc"]["piqa"], abs=1e-4)
-        if r1["name"] == "losa":
+    for r1, r2 in zip(one["rows"], two["rows"]):  # each scoring batch on one of the processes, as one process forms it
+        if r1["name"] != "losa":  # the same model, bit for bit (Wanda's masks are one process's): the same scores
+            assert (r2["ppl"], r2["acc"]) == (r1["ppl"], r1["acc"])
+        else:  # fine-tuned from gradients summed over the processes
+            assert r2["ppl"]["wikitext2"] == pytest.approx(r1["ppl"]["wikitext2"], rel=1e-6)
+            assert r2["acc"] == r1["acc"]
             assert_same_steps(r1["steps"], r2["steps"])
     assert_same_model(tmp / "one", tmp / "two")  # seed 0's LoSA model
     assert two["machine"]["processes"] == 2 and not list(tmp.glob("*.tmp-*"))
