@@ -14,8 +14,8 @@ Benchmarks for losa.py on random Llama models, every figure measured side by sid
      mat-vec at LLaMA-2-7B shapes, 50-80 % unstructured and 2:4, with the crossover; memory of each format
   5. with --processes N, instead: losa.finetune and the pruning pass under torchrun, N processes against one
      (gloo on CPU, NCCL on GPUs; one torch thread each on CPU), launched in turn, whole models and sharded
-     (FSDP2, as losa.py --fsdp): fine-tuning tokens/s and its speed-up against the ideal N, and the pruning
-     pass's time (every process prunes on all windows)
+     (FSDP2, as losa.py --fsdp): fine-tuning tokens/s, the Wanda and SparseGPT pruning passes and --compare's
+     perplexity scoring, each with its speed-up against the ideal N, and the activation buffer each process holds
 
     python bench.py                                   # 2-core CPU, < 5 min
     python bench.py --device cuda --dtype bfloat16 --width 4096 --layers 2
@@ -216,8 +216,9 @@ def peak_child(L):
 
 def processes_worker():
     """One torchrun process: the same random model everywhere (--_fsdp: sharded as losa.py --fsdp shards it),
-    timed losa.finetune updates (the first one a warm-up) and one pruning pass; the first process prints the
-    times as JSON."""
+    timed losa.finetune updates (the first one a warm-up), a Wanda and a SparseGPT pruning pass of the same
+    weights, and (not sharded: --fsdp runs no --compare) a perplexity scoring; the first process prints the times
+    and the bytes of its block-0 inputs (one activation buffer of the pass's three) as JSON."""
     args.device = losa.start_processes(args.device)
     w, accum = int(args.width.split(",")[0]), args.accum
     model = build(w, args.layers, args.seqlen)
@@ -238,15 +239,27 @@ def processes_worker():
     step = (time.perf_counter() - tic) / args.repeats
     losa.unwrap_(model, merge=False)
     calib = torch.randint(1024, (args.nsamples, args.calib_seqlen), generator=gen).to(dev)
-    x0, kwargs = losa.capture_block_inputs(model, calib)
+    x0, kwargs = losa.capture_block_inputs(model, calib)  # this process's windows
     dense = losa.dense_weights(model)
-    torch.distributed.barrier()
-    tic = time.perf_counter()
-    losa.block_grams(model, x0, kwargs)
-    losa.prune_blocks(model, x0, kwargs, [0.6] * args.layers, "wanda", None, dense)
-    sync()
+    out = dict(update=step, tokens=accum * args.batch * args.seqlen, activations=x0.numel() * x0.element_size())
+    for pruner in ("wanda", "sparsegpt"):
+        torch.distributed.barrier()
+        tic = time.perf_counter()
+        losa.block_grams(model, x0, kwargs)
+        losa.prune_blocks(model, x0, kwargs, [0.6] * args.layers, pruner, None, dense)
+        sync()
+        out[pruner] = time.perf_counter() - tic
+        losa.restore_(model, dense)
+    if not args._fsdp:
+        import eval as ev
+
+        torch.distributed.barrier()
+        tic = time.perf_counter()
+        ev.perplexity(model, calib, args.calib_seqlen, args.batch, share=True)
+        sync()
+        out["score"] = time.perf_counter() - tic
     if losa.is_main():
-        print(json.dumps(dict(update=step, tokens=accum * args.batch * args.seqlen, prune=time.perf_counter() - tic)))
+        print(json.dumps(out))
 
 
 def processes_table():
@@ -268,7 +281,7 @@ def processes_table():
             if out.returncode:
                 sys.exit(f"torchrun with {names[k]} failed:\n{out.stderr[-3000:]}")
             runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {k: {key: statistics.median(r[key] for r in rs) for key in ("update", "prune")} for k, rs in runs.items()}
+    med = {k: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for k, rs in runs.items()}
     tokens = runs[1][0]["tokens"]
     print(f"device {args.device}, torch {torch.__version__}, gloo/NCCL via torchrun, one thread per process on CPU; "
           f"random Llama w={w}, {args.layers} blocks, r={R}; an update = {args.accum} micro-batches of "
@@ -277,11 +290,16 @@ def processes_table():
         print(f"fine-tune tokens/s, {names[k]}: {tokens / med[k]['update']:.0f}")
     for k in (n, "fsdp"):
         print(f"speed-up of {names[k]}: {med[1]['update'] / med[k]['update']:.2f} (ideal {n})")
+    for pruner in ("wanda", "sparsegpt"):
+        for k in runs:
+            print(f"{pruner} pass (grams + prune_blocks), {names[k]}: {1e3 * med[k][pruner]:.0f} ms")
+        for k in (n, "fsdp"):
+            print(f"{pruner} pass speed-up of {names[k]}: {med[1][pruner] / med[k][pruner]:.2f} (ideal {n})")
+    print(f"perplexity scoring of {args.nsamples} windows, 1 process: {1e3 * med[1]['score']:.0f} ms, {n} processes: "
+          f"{1e3 * med[n]['score']:.0f} ms, speed-up {med[1]['score'] / med[n]['score']:.2f} (ideal {n})")
     for k in runs:
-        print(f"pruning pass (grams + wanda prune_blocks), {names[k]}: {1e3 * med[k]['prune']:.0f} ms")
-    for k in (n, "fsdp"):
-        print(f"pruning pass, {names[k]} / 1: {med[k]['prune'] / med[1]['prune']:.2f} (every process prunes on all "
-              "windows: 1 is the ideal)")
+        print(f"block-0 inputs per process (one of the pass's 3 activation buffers), {names[k]}: "
+              f"{med[k]['activations'] / 2**20:.2f} MiB ({med[k]['activations'] / med[1]['activations']:.3f} of 1)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -462,7 +462,7 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None, 
             stats = input_statistics(block, sparse_x, kwargs[l], statistic, scale, before)
             used = {}
             for name, lin in lins.items():
-                if stats[name] is None:  # several processes, SparseGPT: another process prunes this one
+                if stats[name] is None:  # several processes: another process prunes this one
                     continue
                 try:
                     _, used[name] = prune_(lin.weight.data, stats[name], sparsities[l], nm)
@@ -880,13 +880,13 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
 #
 # Calibration windows are dealt out as micro-batches are (process k of N holds windows k, k + N, ...), and the
 # pruning pass sums over the processes what it sums over tokens: Wanda's norms (gathered per window, so summed in
-# one process's order), SparseGPT's H (onto the process that prunes the projection, which sends the pruned
-# weight to all), the reconstruction error's per-channel sums and the RMI Gram matrices. Fine-tuning takes its
-# share of each update's micro-batches; gradients and loss are summed over the processes, so every update is
-# the single-process update. --compare's scoring deals out its batches and sums their log-likelihoods. With
-# --fsdp every block, every other module with its own (untied) weights and the root are sharded by FSDP2 (a
-# process holds 1/N of each parameter's rows); work on whole weights (pruning, merging) runs inside
-# whole(block), and the LoRA stays whole on every process. Outside torchrun none of this does anything.
+# one process's order) and SparseGPT's H onto the process that prunes the projection (its owner, which sends the
+# pruned weight to all), the reconstruction error's per-channel sums and the RMI Gram matrices everywhere. Fine-
+# tuning takes its share of each update's micro-batches; gradients and loss are summed over the processes, so every
+# update is the single-process update. --compare's scoring deals out its batches and sums their log-likelihoods.
+# With --fsdp every block, every other module with its own (untied) weights and the root are sharded by FSDP2 (a
+# process holds 1/N of each parameter's rows); work on whole weights (pruning, merging) runs inside whole(block),
+# and the LoRA stays whole on every process. Outside torchrun none of this does anything.
 
 
 def world():
@@ -959,9 +959,9 @@ def gram_over_processes(x):
 
 
 def owners(shapes, size):
-    """Projection -> the process that prunes it with SparseGPT: the largest first, each to the least loaded,
-    counting a projection's work as its columns (the OBS sweep goes column by column; on a GPU every column is a
-    few small kernels)."""
+    """Projection -> the process that prunes it: the largest first, each to the least loaded, counting a
+    projection's work as its columns (SparseGPT's OBS sweep goes column by column; on a GPU every column is a few
+    small kernels)."""
     load, owner = [0] * size, {}
     for name in sorted(shapes, key=lambda name: -shapes[name][1]):  # sorted() is stable: ties keep block order
         owner[name] = min(range(size), key=lambda k: load[k])
@@ -970,8 +970,8 @@ def owners(shapes, size):
 
 
 def over_all_windows(sums, counts, lins, windows):
-    """The statistics and token counts of this process's `windows` -> of every process's: a vector's per-window
-    values gathered in window order; a matrix summed onto its projection's owner, None on the other processes."""
+    """The statistics and token counts of this process's `windows` -> of every process's, on the projection's
+    owner (None on the other processes): a vector's per-window values gathered in window order, a matrix summed."""
     rank, size = world()
     if size == 1:
         return sums, counts
@@ -984,17 +984,17 @@ def over_all_windows(sums, counts, lins, windows):
     owner = owners({name: lins[name].weight.shape for name in names}, size)
     for name, s in sums.items():
         if isinstance(s, list):
-            sums[name] = list(all_windows(torch.stack(s), n))
+            s = list(all_windows(torch.stack(s), n))
         else:
             dist.reduce(s, owner[name])
-            sums[name] = s if rank == owner[name] else None
+        sums[name] = s if rank == owner[name] else None
     return sums, counts
 
 
 def from_owners(lins, used):
     """{projection: SparseGPT's damping, None (Wanda) or an error} of the projections this process pruned ->
-    of all of them, with each pruned weight sent from its owner to every process (Wanda's ran everywhere);
-    the first error, of any process, is raised on every one."""
+    of all of them, with each pruned weight sent from its owner to every process; the first error, of any
+    process, is raised on every one."""
     rank, size = world()
     everyone = [used]
     if size > 1:
@@ -1002,12 +1002,12 @@ def from_owners(lins, used):
         dist.all_gather_object(everyone, {n: str(v) if isinstance(v, Exception) else v for n, v in used.items()})
     result = {}
     for name, lin in lins.items():
-        holders = [k for k in range(size) if name in everyone[k]]
-        result[name] = everyone[holders[0]][name]
+        owner = next(k for k in range(size) if name in everyone[k])
+        result[name] = everyone[owner][name]
         if isinstance(result[name], (Exception, str)):
             raise IllConditionedHessian(str(result[name]))
-        if len(holders) == 1 and size > 1:
-            dist.broadcast(lin.weight.data, holders[0])
+        if size > 1:
+            dist.broadcast(lin.weight.data, owner)
     return result
 
 
