@@ -2139,17 +2139,27 @@ def test_two_processes_compare_gives_the_one_process_rows(tiny_run):
 def test_two_processes_stop_with_one_line_and_write_nothing(tiny_run):
     """A bad flag: each process exits 2 (torchrun's report names the code), losa.py's line once. A non-finite
     loss, seen by both processes in the summed loss (with and without --fsdp): both stop, exit 1, one line, nothing
-    written."""
+    written. A Hessian no damping fixes (a NaN in block 0's MLP norm, see the one-process test), met by the process
+    that owns gate_proj: both stop, exit 2, its line once."""
     tmp, base = tiny_run
+    nan = AutoModelForCausalLM.from_pretrained(tmp / "model")
+    with torch.no_grad():
+        nan.model.layers[0].post_attention_layernorm.weight[3] = float("nan")
+    nan.save_pretrained(tmp / "nan")
+    AutoTokenizer.from_pretrained(tmp / "model").save_pretrained(tmp / "nan")
+    hessian = ["--model", tmp / "nan", "--pruner", "sparsegpt", "--no-rmi"]
     for flags, code, message in ((["--sparsity", "2"], 2, "--sparsity must be in [0, 1)"),
+                                 (["--nsamples", "1", "--no-rmi"], 2, "--nsamples must be at least the number"),
                                  (["--fsdp", "--model", "/nonexistent/model"], 2, "cannot load model"),
                                  (["--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step"),
-                                 (["--fsdp", "--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step")):
+                                 (["--fsdp", "--lr", "1e30", "--train-samples", "32"], 1, "non-finite loss at step"),
+                                 (hessian, 2, "sparsegpt: block 0, mlp.gate_proj:"),
+                                 ([*hessian, "--fsdp"], 2, "sparsegpt: block 0, mlp.gate_proj:")):
         run = processes(2, base + flags + ["--out", tmp / "out"])
         output = run.stdout + run.stderr
         assert run.returncode != 0 and output.count("losa.py: error:") == 1 and message in output
         assert f"exitcode  : {code} " in run.stderr and "exitcode  : 0" not in run.stderr
-        assert sorted(p.name for p in tmp.iterdir()) == ["calib.txt", "model", "train.jsonl"]
+        assert sorted(p.name for p in tmp.iterdir()) == ["calib.txt", "model", "nan", "train.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------
