@@ -771,7 +771,7 @@ def masked_lora_vs_float64(c, out_f, in_f, dt, p):
     with torch.no_grad():
         mod.lora_A.copy_(A), mod.lora_B.copy_(B)
     mod.dropout = FixedDropout(p, keep.to(dev)) if p else mod.dropout
-    xd = x.to(dev).requires_grad_()
+    xd = x.to(dev, copy=True).requires_grad_()
     y = mod(xd)
     y.backward(gy.to(dev))
     x64, A64, B64 = (t.double().requires_grad_() for t in (x, A.to(dt), B.to(dt)))  # the values the device used
@@ -846,7 +846,8 @@ def tiny_folder(tmp):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator([calib[:50000]], trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        vocab_size=512, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -917,9 +918,11 @@ def cpu_txt():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench", "cpu.txt")
     with open(path) as f:
         lines = [l.rstrip() for l in f]
-    head = next(i for i, l in enumerate(lines) if l.startswith("metric"))
-    col = lines[head].index("w=512") + len("w=512")  # values are right-aligned under their width
-    return {l[:l.index("  ")]: l[col - 9:col].strip() for l in lines[head + 1:] if l[:1] in "(rfwsRp" and "  " in l}
+    head = next(l for l in lines if l.startswith("metric"))
+    mw = head.index("w=") + len("w=256") - 9  # the metric column's width: values are right-aligned in 9
+    col = head.index("w=512") + len("w=512")
+    rows = lines[lines.index(head) + 1:]
+    return {l[:mw].strip(): l[col - 9:col].strip() for l in rows if len(l) > mw and not l.startswith("total")}
 
 
 @torch.no_grad()
@@ -1070,7 +1073,9 @@ def machine_line():
         p = torch.cuda.get_device_properties(dev)
         where = f"{p.name} ({p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, {os.cpu_count()} CPU cores"
     else:
-        where = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU dry run"
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), platform.machine())
+        where = f"{cpu}, {os.cpu_count()} cores, CPU dry run"
     return (f"{where} ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
             f"transformers {transformers.__version__}{peft}, Python {platform.python_version()}")
 
