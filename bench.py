@@ -16,6 +16,11 @@ Benchmarks for losa.py on random Llama models, every figure measured side by sid
      (gloo on CPU, NCCL on GPUs; one torch thread each on CPU), launched in turn, whole models and sharded
      (FSDP2, as losa.py --fsdp): fine-tuning tokens/s and its speed-up against the ideal N, and the pruning
      pass's time (every process prunes on all windows)
+  6. with --gpu-check, instead: PASS/FAIL lines into results/gpu/<GPU name>.txt, exit 1 on a FAIL; sized for
+     one H100 in < 8 min (not yet run on one): masked LoRA against float64, Wanda's and SparseGPT's masks against
+     the CPU's, a bf16 merge, losa.py end to end in bf16; 1 and 2 at LLaMA-2-7B width (also peft's LoRA) and a 2:4
+     semi-structured projection; peak memory of pruning and fine-tuning scaled to 32 blocks beside the README's;
+     torchrun (NCCL) against one process. --device cpu: the same parts at tiny sizes, gloo (the dry run)
 
     python bench.py                                   # 2-core CPU, < 5 min
     python bench.py --device cuda --dtype bfloat16 --width 4096 --layers 2
@@ -23,9 +28,12 @@ Benchmarks for losa.py on random Llama models, every figure measured side by sid
     python bench.py --inference out/smollm2-135m-wanda-0.7   # a LoSA output; no MODEL: sweep and memory only
     python bench.py --inference MODEL --device cuda --dtype bfloat16
     python bench.py --processes 2                     # 2-core CPU: 1 vs 2 processes, one thread each
+    python bench.py --gpu-check                       # one GPU, < 8 min, with nothing but torch, transformers, peft
+    python bench.py --gpu-check --device cpu          # its dry run: results/gpu/cpu-dry-run.txt, < 1 min
 """
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -986,6 +994,7 @@ def memory_of(what, L, m):
     """Peak memory of one LoSA phase on L random blocks of a LLaMA-2-7B-shaped config (sizes m), bf16 on CUDA:
     the pruning pass of a step (capture, RMI grams, prune_blocks), or one update of fine-tuning (2 micro-batches
     of batch x max_len, r_max 16 on all projections, x0 still held as losa() holds it)."""
+    gc.collect()  # the previous measurement's model, gone before this one's peak is counted
     model = build(m["width"], L, m["calib_seqlen"], vocab=m["vocab"], head_dim=m["head_dim"]).eval()
     g = torch.Generator().manual_seed(0)
     calib = torch.randint(m["vocab"], (m["nsamples"], m["calib_seqlen"]), generator=g).to(dev)
