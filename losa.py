@@ -1627,9 +1627,12 @@ def load_eval_data(args):
 def machine(device, dtype, fsdp=False):
     """What made a report's numbers: versions, device (CPU model or GPU), dtype, threads. Figures reproduce to
     the digit only where all of these are the same."""
-    import datasets
     import transformers
 
+    try:
+        import datasets  # only the Hub data (c4, alpaca-gpt4) need it: a run on local files does not
+    except ImportError:
+        datasets = None
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))
     else:
@@ -1638,8 +1641,9 @@ def machine(device, dtype, fsdp=False):
                 name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             name = platform.processor() or platform.machine()
-    return dict(torch=torch.__version__, transformers=transformers.__version__, datasets=datasets.__version__,
-                python=platform.python_version(), device=name, dtype=dtype, threads=torch.get_num_threads(),
+    return dict(torch=torch.__version__, transformers=transformers.__version__,
+                datasets=datasets.__version__ if datasets else None, python=platform.python_version(), device=name,
+                dtype=dtype, threads=torch.get_num_threads(),
                 processes=world()[1], backend=dist.get_backend() if dist.is_initialized() else None, fsdp=fsdp)
 
 

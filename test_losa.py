@@ -1393,23 +1393,38 @@ def hub_copy(tmp_path, monkeypatch):
     return root
 
 
+def type_tree(value):
+    """value with every leaf replaced by its type: comparing these compares types, which 1 == True == 1.0 does not."""
+    if isinstance(value, dict):
+        return {k: type_tree(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [type_tree(v) for v in value]
+    return type(value)
+
+
 def test_every_hub_dataset_loads_with_its_id_config_split_and_fields(hub_copy):
     layouts = hub_layouts()
     for task in ev.TASKS:
         docs = ev.load_docs(task)
-        assert docs == DOCS[task], task  # same values and types: string labels, nested choices, int labels
-        assert [ev.build_requests(task, d) for d in docs] == [ev.build_requests(task, d) for d in DOCS[task]]
+        assert docs == DOCS[task], task  # same values
+        assert type_tree(docs) == type_tree(DOCS[task]), task  # and types: string labels, nested choices, int labels
     assert ev.load_wikitext() == "\n\n".join(r["text"] for r in layouts["wikitext2"][1])
     assert losa.calibration_docs("c4") == [r["text"] for r in layouts["c4"][1]]
     assert losa.training_texts("alpaca-gpt4", 2) == [r["text"] for r in layouts["alpaca-gpt4"][1][:2]]
 
 
-@pytest.mark.parametrize("change", [dict(config="winogrande_debiased"), dict(config=None), dict(split="test"),
-                                    dict(fields=["sentence", "option1", "option2", "label"]), dict(id="winogrande")])
-def test_a_wrong_hub_entry_does_not_load(hub_copy, monkeypatch, change):
+@pytest.mark.parametrize("change, error, message", [
+    (dict(config="winogrande_debiased"), ValueError, "all the data_files are invalid"),  # a config without files here
+    (dict(config=None), ValueError, "Config name is missing"),
+    (dict(split="test"), ValueError, 'Unknown split "test"'),
+    (dict(fields=["sentence", "option1", "option2", "label"]), ValueError, "(validation) has no field 'label'"),
+    (dict(id="winogrande"), FileNotFoundError, "Couldn't find any data file"),
+])
+def test_a_wrong_hub_entry_does_not_load(hub_copy, monkeypatch, change, error, message):
     monkeypatch.setitem(ev.DATASETS, "winogrande", ev.DATASETS["winogrande"]._replace(**change))
-    with pytest.raises(Exception):
+    with pytest.raises(error) as raised:
         ev.hub_rows("winogrande")
+    assert message in str(raised.value)
 
 
 def test_the_clis_default_data_come_from_the_hub_table(hub_copy, tiny_run, tiny, capsys):
@@ -1852,18 +1867,22 @@ def test_error_increments_and_the_released_cap_on_hand_made_errors():
     assert losa.step_ranks([1.0, 3.0, 2.0, 6.0], None, 6, uniform, 1) == [6] * 4
 
 
-def test_shuffled_ranks_are_a_seeded_permutation_of_the_papers():
+def test_shuffled_ranks_are_the_papers_in_the_block_order_drawn_for_seed_and_step():
     errors = [0.1 * (l + 1) ** 2 for l in range(30)]
     paper = losa.step_ranks(errors, None, 8, losa.Settings(), 3)
     shuffled = lambda seed, t: losa.step_ranks(errors, None, 8, losa.Settings(rank_rule="shuffled", seed=seed), t)
     assert sorted(shuffled(0, 3)) == sorted(paper) and sum(shuffled(0, 3)) == sum(paper) == 8 * 30
-    assert shuffled(0, 3) == shuffled(0, 3) and shuffled(1, 3) == shuffled(1, 3)  # fixed by the seed
+    for seed, t in ((0, 3), (1, 3), (0, 1), (2, 2)):  # block l gets the paper's rank of block order[l]
+        order = random.Random(1000 * seed + t).sample(range(30), 30)  # the seeded order, drawn on its own
+        assert shuffled(seed, t) == [paper[i] for i in order]
     assert len({tuple(shuffled(s, t)) for s in range(3) for t in (1, 2)} | {tuple(paper)}) == 7  # all differ
 
 
-def test_cli_rank_rule_rows_share_the_data_and_follow_their_errors(tiny_run, capsys):
-    """--compare --rows of every rank rule: one compare.json; each row's ranks follow its own rule from the
-    errors it reports, the local row reports its local errors, the table prints every row."""
+def test_cli_rank_rule_rows_share_the_data_and_are_wired_to_their_rules(tiny_run, capsys):
+    """--compare --rows of every rank rule: one compare.json; each row's ranks are step_ranks of its own rule on
+    the errors it reports (the wiring), and at step 1 meet the budget Omega L, stay in [r_min, r_max] and order the
+    blocks as the rule's source error, computed here from the reported errors (the rule); the local row reports
+    its local errors, the table prints every row."""
     tmp, base = tiny_run
     out = tmp / "cmp"
     rows = ["losa", "losa_no_rank_alloc", *[f"losa_rank_{r.replace('-', '_')}" for r in losa.RANK_RULES[1:]]]
@@ -1889,8 +1908,80 @@ def test_cli_rank_rule_rows_share_the_data_and_follow_their_errors(tiny_run, cap
             local = step.get("local_error")
             assert (local is not None) == (name == "losa_rank_local")
             assert step["ranks"] == losa.step_ranks(step["reconstruction_error"], local, omega, cfg, step["step"])
+    for name, rule in (("losa", "accumulated"), ("losa_rank_local", "local"), ("losa_rank_increment", "increment")):
+        step = by[name]["steps"][0]
+        E = step["reconstruction_error"]
+        source = dict(accumulated=E, local=step.get("local_error"),
+                      increment=[E[0]] + [max(b - a, 0.0) for a, b in zip(E, E[1:])])[rule]
+        r = step["ranks"]
+        assert sum(r) == 6 * 4 and all(1 <= v <= 16 for v in r), name  # Omega_1 L, r_min, r_max
+        assert all(r[i] >= r[j] for i in range(4) for j in range(4) if source[i] > source[j]), (name, source, r)
+    paper = by["losa"]["steps"][0]["ranks"]
+    assert sorted(by["losa_rank_shuffled"]["steps"][0]["ranks"]) == sorted(paper)
     assert by["losa_rank_released_cap"]["steps"][0]["ranks"] == [min(r, 8) for r in by["losa"]["steps"][0]["ranks"]]
     assert by["losa_no_rank_alloc"]["steps"][1]["ranks"] == [7] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py --gpu-check: its CPU dry run, the same four parts at tiny sizes (gloo for torchrun)
+
+
+def test_gpu_check_dry_run_passes_every_part_and_writes_its_file(tmp_path):
+    import bench
+
+    run = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--gpu-check", "--device", "cpu",
+                          "--gpu-out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["cpu-dry-run.txt"]
+    head, body = (tmp_path / "cpu-dry-run.txt").read_text().split("\n\n", 1)
+    head = dict(l.split(": ", 1) for l in head.splitlines())
+    assert head["command"] == "python bench.py --gpu-check --device cpu" and head.keys() == {"command", "machine",
+                                                                                             "code", "wall"}
+    assert "CPU dry run" in head["machine"] and f"torch {torch.__version__}," in head["machine"]
+    lines = body.splitlines()
+    assert body.strip() in run.stdout  # the file holds what the run printed
+    parts = ["1. correctness on cpu", "2. speed at width 64", "3. memory, scaled to 32 blocks",
+             "4. torchrun, 1 process (gloo)"]
+    assert [l for l in lines if l[:2] in ("1.", "2.", "3.", "4.")] == parts
+    passed = [l for l in lines if l.startswith("PASS ")]
+    assert not [l for l in lines if l.startswith("FAIL")] and f"{len(passed)} passed, 0 failed" in lines[-1]
+    for start in ["import losa, eval, bench import neither datasets nor gguf",
+                  *[f"masked LoRA on cpu, {t}, dropout {p}" for t in ("float32", "bfloat16") for p in (0.0, 0.1)],
+                  *[f"wanda mask on cpu (float32) equals the CPU's, {p}" for p in ("50 %", "2:4")],
+                  *[f"sparsegpt on cpu (float32) against the CPU's, {p}" for p in ("50 %", "2:4")],
+                  "bf16 merge on cpu", "losa.py end to end on cpu, bf16", "losa.py: 5 fine-tuning losses, all finite",
+                  "losa.py: the saved folder loads with from_pretrained in bfloat16", "CSR 176x64",
+                  *[f"{w}: measured" for w in bench.README_GB],
+                  "torchrun, 1 process, gloo: model.safetensors bitwise against the plain run's"]:
+        assert sum(l.startswith("PASS " + start) for l in passed) == 1, start
+    speed = {l[2:46].strip(): l[46:54].strip() for l in lines if l.startswith(("  (", "  ratio"))}
+    with open(os.path.join(HERE, "results", "bench", "cpu.txt")) as f:
+        cpu_txt = f.read()
+    for metric in ["(a) masked LoRA p=0, ms/step", "(c) plain LoRA p=0, ms/step", "ratio (a)/(c)",
+                   "ratio (d)/(b)  (ours faster if > 1)", "ratio wanda pass / forward",
+                   "ratio sparsegpt pass / forward"]:
+        assert float(speed[metric]) > 0 and metric in cpu_txt  # the lines of cpu.txt, measured here
+
+
+def test_gpu_check_fails_where_masked_lora_drops_its_mask(monkeypatch):
+    """The device checks are real: with the mask left out of masked LoRA, the float64 comparison fails and the
+    bf16 merge stops on the changed zero pattern (one FAIL line, the other parts would still run)."""
+    import bench
+
+    init = losa.MaskedLoRALinear.__init__
+
+    def unmasked(self, *a, **kw):
+        init(self, *a, **kw)
+        self.masked = False
+
+    monkeypatch.setattr(losa.MaskedLoRALinear, "__init__", unmasked)
+    c = bench.Checks()
+    bench.masked_lora_vs_float64(c, 48, 64, torch.float32, 0.1)
+    bench.run_part(c, "merge", lambda: bench.bf16_merge_keeps_zeros(c, 48, 64))
+    fails = [l for l in c.lines if l.startswith("FAIL")]
+    assert (c.passed, c.failed, len(fails)) == (0, 2, 2)
+    assert fails[0].startswith("FAIL masked LoRA on cpu, float32, dropout 0.1")
+    assert fails[1] == "FAIL merge stopped: RuntimeError: merging changed the zero pattern"
 
 
 # ---------------------------------------------------------------------------------------------
