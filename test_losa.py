@@ -1524,7 +1524,7 @@ def test_eval_acc_norm_uses_choice_characters(monkeypatch):
     assert [len(ev.hellaswag_preprocess(e)) for e in doc["endings"]] == [16, 9, 23, 16]
     # per character: -1.0 for choice 1, -0.95 for choice 2; dividing by one more character flips that
     lls = [-100.0, -9.0, -0.95 * 23, -100.0]
-    monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, add_bos=False: lls)
+    monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, add_bos=False, share=False: lls)
     assert ev.evaluate_task(None, None, "hellaswag", [doc], 1)[0] == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
     monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, add_bos=False: [-1.0] * len(reqs))
     for task, acc in (("boolq", 0.0), ("winogrande", 1.0)):  # a tie picks choice 0: "no" (gold yes), "trophy" (gold)
