@@ -1526,7 +1526,7 @@ def test_eval_acc_norm_uses_choice_characters(monkeypatch):
     lls = [-100.0, -9.0, -0.95 * 23, -100.0]
     monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, add_bos=False, share=False: lls)
     assert ev.evaluate_task(None, None, "hellaswag", [doc], 1)[0] == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
-    monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, add_bos=False: [-1.0] * len(reqs))
+    monkeypatch.setattr(ev, "loglikelihoods", lambda model, tok, reqs, bs, **kw: [-1.0] * len(reqs))
     for task, acc in (("boolq", 0.0), ("winogrande", 1.0)):  # a tie picks choice 0: "no" (gold yes), "trophy" (gold)
         assert ev.evaluate_task(None, None, task, DOCS[task][:1], 1)[0] == {"acc": acc, "acc_norm": None, "n": 1}
 
