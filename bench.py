@@ -452,36 +452,45 @@ def processes_table():
     flags = ["--_worker", "--width", str(w), "--layers", str(args.layers), "--batch", str(args.batch),
              "--seqlen", str(args.seqlen), "--accum", str(args.accum), "--repeats", str(args.repeats),
              "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--device", args.device]
-    names = {1: "1 process", n: f"{n} processes", "fsdp": f"{n} processes, --fsdp"}
-    runs = {1: [], n: [], "fsdp": []}
+    names = {1: "1 process", n: f"{n} processes", "fsdp": f"{n} processes, --fsdp",
+             "apart": f"{n} independent 1-process runs side by side, each on 1/{n} of the work"}
+    runs = {1: [], n: [], "fsdp": [], "apart": []}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = lambda k, extra: subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", __file__, *flags,
+         *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     for _ in range(2):
         for k in runs:
             print(f"{names[k]} ...", file=sys.stderr, flush=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={n if k == 'fsdp' else k}", __file__]
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            out = subprocess.run(cmd + flags + (["--_fsdp"] if k == "fsdp" else []), capture_output=True, text=True,
-                                 env=env)
-            if out.returncode:
-                sys.exit(f"torchrun with {names[k]} failed:\n{out.stderr[-3000:]}")
-            runs[k].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if k == "apart":  # the machine's own ceiling: no communication, the same cores shared
+                split = ["--nsamples", str(args.nsamples // n), "--accum", str(max(1, args.accum // n))]
+                procs = [launch(1, split) for _ in range(n)]
+            else:
+                procs = [launch(n if k == "fsdp" else k, ["--_fsdp"] if k == "fsdp" else [])]
+            outs = [(p, *p.communicate()) for p in procs]
+            for p, _, err in outs:
+                if p.returncode:
+                    sys.exit(f"torchrun with {names[k]} failed:\n{err[-3000:]}")
+            times = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in outs]
+            runs[k].append({key: max(t[key] for t in times) for key in times[0]})  # the slowest of them
     med = {k: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for k, rs in runs.items()}
     tokens = runs[1][0]["tokens"]
     print(f"device {args.device}, torch {torch.__version__}, gloo/NCCL via torchrun, one thread per process on CPU; "
           f"random Llama w={w}, {args.layers} blocks, r={R}; an update = {args.accum} micro-batches of "
           f"{args.batch}x{args.seqlen} tokens; median of 2 launches x {args.repeats} updates")
-    for k in runs:
+    for k in (1, n, "fsdp"):
         print(f"fine-tune tokens/s, {names[k]}: {tokens / med[k]['update']:.0f}")
-    for k in (n, "fsdp"):
+    for k in (n, "fsdp", "apart"):
         print(f"speed-up of {names[k]}: {med[1]['update'] / med[k]['update']:.2f} (ideal {n})")
     for pruner in ("wanda", "sparsegpt"):
-        for k in runs:
+        for k in (1, n, "fsdp"):
             print(f"{pruner} pass (grams + prune_blocks), {names[k]}: {1e3 * med[k][pruner]:.0f} ms")
-        for k in (n, "fsdp"):
+        for k in (n, "fsdp", "apart"):
             print(f"{pruner} pass speed-up of {names[k]}: {med[1][pruner] / med[k][pruner]:.2f} (ideal {n})")
     print(f"perplexity scoring of {args.nsamples} windows, 1 process: {1e3 * med[1]['score']:.0f} ms, {n} processes: "
-          f"{1e3 * med[n]['score']:.0f} ms, speed-up {med[1]['score'] / med[n]['score']:.2f} (ideal {n})")
-    for k in runs:
+          f"{1e3 * med[n]['score']:.0f} ms, speed-up {med[1]['score'] / med[n]['score']:.2f} (ideal {n}; "
+          f"{names['apart']}: {med[1]['score'] / med['apart']['score']:.2f})")
+    for k in (1, n, "fsdp"):
         print(f"block-0 inputs per process (one of the pass's 3 activation buffers), {names[k]}: "
               f"{med[k]['activations'] / 2**20:.2f} MiB ({med[k]['activations'] / med[1]['activations']:.3f} of 1)")
 

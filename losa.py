@@ -791,7 +791,7 @@ def finetune(model, mods, updates, cfg, t):
     opt = AdamW(params, cfg.lr, weight_decay=cfg.weight_decay)
     losses = []
     model.train()
-    for u, group in enumerate(tqdm(updates, desc=f"fine-tune step {t}", leave=False)):
+    for u, group in checkpointed(t, updates, opt, losses):  # tqdm; --resume: from the checkpoint's update
         opt.lr = linear_lr(u, len(updates), cfg.lr, cfg.warmup_ratio)
         loss = 0.0
         for j in my_share(len(group)):  # all micro-batches in one process; j = k, k + N, ... on process k of N
@@ -827,6 +827,25 @@ def step_sparsities(model, x0, kwargs, s_t, cfg):
     return layer_sparsities(C, s_t, sparsity_delta(s_t), cfg.beta)
 
 
+def prune_step(model, lora, x0, kwargs, dense, cfg, t):
+    """Step t's pruning: merge the LoRA, S_t, s_l from RMI, prune every block, unmerge, the ranks of the step.
+    Returns the step's report so far (JSON: a checkpoint holds it)."""
+    layers, mods = decoder_layers(model), [m for block in lora for m in block]
+    target = 1 - cfg.nm[0] / cfg.nm[1] if cfg.nm else cfg.sparsity
+    s_t = target if cfg.nm else cubic_sparsity(target, t, cfg.steps)  # N:M: the final pattern at every step
+    merge_(layers, lora, +1)  # W <- W + s (BA) * M
+    with adapters_off(mods):
+        s_l = step_sparsities(model, x0, kwargs, s_t, cfg)
+        damping = []  # per block and projection: SparseGPT's relative damping (raised where H needed it)
+        local = [] if cfg.rank_alloc and cfg.rank_rule == "local" else None
+        errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense, damping, local)
+    merge_(layers, lora, -1)  # W <- W - s (BA) * M_new
+    broadcast_(mods)  # several processes: all continue from the first one's W, A, B
+    ranks = step_ranks(errors, local, cfg.mean_rank + t - 1, cfg, t)  # Omega_t = Omega_1 + (t - 1)
+    return dict(step=t, target_sparsity=s_t, assigned=s_l, ranks=ranks, reconstruction_error=errors,
+                local_error=local, damping=damping if cfg.pruner == "sparsegpt" else None)
+
+
 def losa(model, calib_ids, plan, cfg: Settings, dense=None):
     """Algorithm 1 on `model`, in place; `plan[t - 1]`: the updates of step t (update_plan); `dense`: the
     original projections if already copied (dense_weights). Returns the per-step report. The LoRA is merged
@@ -835,7 +854,6 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
         raise ValueError("plain (unmasked) LoRA runs one step: its dense delta cannot be merged and pruned again")
     torch.manual_seed(cfg.seed)
     layers = decoder_layers(model)
-    T = cfg.steps
     x0, kwargs = capture_block_inputs(model, calib_ids)
     dense = dense_weights(model) if dense is None else dense  # the original model, for E_l
     model.requires_grad_(False)  # only A and B train: no gradients for embeddings, norms, lm_head
@@ -843,33 +861,23 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
     mods = [m for block in lora for m in block]
     for m in mods:
         m.masked = cfg.masked
-    target = 1 - cfg.nm[0] / cfg.nm[1] if cfg.nm else cfg.sparsity
-    omega, report = cfg.mean_rank, []  # Omega_1
-    for t in range(1, T + 1):
-        tic = time.time()
-        s_t = target if cfg.nm else cubic_sparsity(target, t, T)  # N:M: the final pattern at every step
-        merge_(layers, lora, +1)  # W <- W + s (BA) * M
-        with adapters_off(mods):
-            s_l = step_sparsities(model, x0, kwargs, s_t, cfg)
-            damping = []  # per block and projection: SparseGPT's relative damping (raised where H needed it)
-            local = [] if cfg.rank_alloc and cfg.rank_rule == "local" else None
-            errors = prune_blocks(model, x0, kwargs, s_l, cfg.pruner, cfg.nm, dense, damping, local)
-        merge_(layers, lora, -1)  # W <- W - s (BA) * M_new
-        broadcast_(mods)  # several processes: all continue from the first one's W, A, B
-        ranks = step_ranks(errors, local, omega, cfg, t)
-        for block, r in zip(lora, ranks):
+    report = []
+    prune = lambda t: prune_step(model, lora, x0, kwargs, dense, cfg, t)
+    for t, p, tic in steps(cfg.steps, prune, mods, report):  # --resume: from the checkpoint's step and update
+        for block, r in zip(lora, p["ranks"]):
             for m in block:
                 m.rank = r
         fed = plan[t - 1] if cfg.finetune else []  # this step's updates, lists of micro-batches
         losses = finetune(model, mods, fed, cfg, t) if fed else []
-        report.append(dict(step=t, target_sparsity=s_t, delta=sparsity_delta(s_t),
-                           layer_sparsity=dict(assigned=s_l, achieved=[achieved_sparsity([b]) for b in layers]),
-                           ranks=ranks, mean_rank=sum(ranks) / len(ranks), reconstruction_error=errors,
+        achieved = [achieved_sparsity([b]) for b in layers]
+        report.append(dict(step=t, target_sparsity=p["target_sparsity"], delta=sparsity_delta(p["target_sparsity"]),
+                           layer_sparsity=dict(assigned=p["assigned"], achieved=achieved),
+                           ranks=p["ranks"], mean_rank=sum(p["ranks"]) / len(p["ranks"]),
+                           reconstruction_error=p["reconstruction_error"],
                            examples=sum(len(b["input_ids"]) for u in fed for b in u), updates=len(fed),
                            train_loss=losses, seconds=time.time() - tic,
-                           **({"local_error": local} if local is not None else {}),
-                           **({"damping": damping} if cfg.pruner == "sparsegpt" else {})))
-        omega += 1  # Omega_{t+1} = Omega_t + 1
+                           **({"local_error": p["local_error"]} if p["local_error"] is not None else {}),
+                           **({"damping": p["damping"]} if p["damping"] is not None else {})))
     if cfg.masked:
         unwrap_(model)  # final merge: W + s (BA) * M, zero pattern unchanged
     return report
@@ -982,9 +990,12 @@ def over_all_windows(sums, counts, lins, windows):
     *tokens, n = (int(v) for v in total.tolist())
     counts = dict(zip(names, tokens))
     owner = owners({name: lins[name].weight.shape for name in names}, size)
+    done = {}  # q, k, v (gate, up) share their input's per-window values: gathered once
     for name, s in sums.items():
         if isinstance(s, list):
-            s = list(all_windows(torch.stack(s), n))
+            if id(s[0]) not in done:
+                done[id(s[0])] = list(all_windows(torch.stack(s), n))
+            s = done[id(s[0])]
         else:
             dist.reduce(s, owner[name])
         sums[name] = s if rank == owner[name] else None
@@ -1070,8 +1081,9 @@ _WHOLE = set()  # the blocks gathered by whole() now
 @contextmanager
 def whole(block, write=False):
     """--fsdp: inside, the block's parameters are whole plain tensors and the block computes as the plain one;
-    with `write`, the first process's whole weights go back into every process's rows on exit (so all hold
-    one computation's). Every process must gather the same blocks in the same order. Else: nothing."""
+    with `write`, each process's rows of the whole weights go back into its shards on exit (every process holds
+    the same whole weights: from_owners sent the pruned ones, and the merge adds the same LoRA everywhere).
+    Every process must gather the same blocks in the same order. Else: nothing."""
     if not isinstance(block, FSDPModule) or block in _WHOLE:
         yield
         return
@@ -1085,9 +1097,7 @@ def whole(block, write=False):
         rank, size = world()
         with torch.no_grad():
             for mod, name, shard in shards if write else ():
-                w = getattr(mod, name)  # the whole parameter
-                dist.broadcast(w, 0)
-                rows = w.chunk(size)  # FSDP2's rows of each process
+                rows = getattr(mod, name).chunk(size)  # the whole parameter -> FSDP2's rows of each process
                 if rank < len(rows):
                     shard.to_local().copy_(rows[rank])
     finally:
@@ -1145,7 +1155,347 @@ def full_state_dict(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
+    return {k: v for k, v in state.items() if k not in tied}  # a tied head is the embedding: saved once
+
+# -----------------------------------------------------------------------------------------------
+# checkpoints: --resume, SIGTERM
+#
+# A run writes <out>.checkpoint/ after each step's pruning, every --save-every updates and after each step's last
+# update. Stored: the pruned projections (only they change; --fsdp: each process's rows, through
+# torch.distributed.checkpoint into safetensors), LoRA A and B, AdamW's t, m and v, the position (step t, updates
+# done u), every process's RNG state, the report so far with step t's pruning, the flags and a fingerprint of the
+# model and data. Re-derived exactly, as the first run derived them: the calibration windows, the update plan, the
+# dense weights and block 0's inputs (from the model as read), the LoRA's initialisation (the same seed). Each
+# checkpoint is a new folder; latest.json, which names it with every file's size and SHA-256, is replaced
+# atomically once every process has written its part: a kill at any moment leaves the previous one whole.
+# Nothing is read through pickle. A resume must have the same process count (DCP could reshard the rows, but the
+# summed gradients would then round otherwise: no longer the run it continues).
+
+CHECKPOINT = None  # the run's Checkpoint, set by main(); None: no checkpoints (a library call, --compare)
+SIGNALS = []  # the signals received: the first stops the run at the next update's end, with a checkpoint
+
+
+def sha256(path):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(model, calib_ids, plan):
+    """SHA-256 of the model (config, every tensor's name, shape, dtype and first 16 values of this process's
+    rows) and of the data (the calibration windows and every micro-batch of the plan)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    for name, p in model.state_dict().items():
+        h.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
+        h.update(local(p).detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
+    data = hashlib.sha256(calib_ids.numpy().tobytes())
+    for batch in (b for step in plan for update in step for b in update):
+        for k in sorted(batch):
+            data.update(k.encode() + batch[k].numpy().tobytes())
+    return dict(model=h.hexdigest(), data=data.hexdigest())
+
+
+class Checkpoint:
+    """The checkpoint folder of one run: save() after a position (t, u), load() of the latest."""
+
+    def __init__(self, folder, settings, every, loaded=None):
+        self.folder, self.settings, self.every, self.loaded = folder, settings, every, loaded
+        self.fingerprint, self.report, self.mods, self.entry = None, None, None, None
+        self.weights = None  # the checkpoint whose weight files hold today's projections (linked, not rewritten)
+        stop = os.environ.get("LOSA_STOP_AT", "")  # tests: "t:u" stops at update u of step t, ":write" inside a save
+        self.stop_at = stop.split(":") if stop else None
+
+    def latest(self):
+        with open(os.path.join(self.folder, "latest.json")) as f:
+            return json.load(f)
+
+    def tensors(self, opt):
+        """This run's LoRA and AdamW state as named tensors (the first process's; they agree on all)."""
+        out = {f"{ab}.{i}": getattr(m, f"lora_{ab}") for i, m in enumerate(self.mods) for ab in "AB"}
+        for i, st in enumerate(opt.state if opt else ()):
+            out |= {f"m.{i}": st["m"], f"v.{i}": st["v"]}
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def rng(self):
+        """Every process's RNG states (CPU, and the GPU's), gathered: {name: uint8 tensor} on every process."""
+        mine = [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])
+        everyone = [mine]
+        if world()[1] > 1:
+            everyone = [None] * world()[1]
+            dist.all_gather_object(everyone, mine)
+        return {f"rng.{k}.{j}": s for k, states in enumerate(everyone) for j, s in enumerate(states)}
+
+    def save(self, t, u, opt, losses):
+        """Checkpoint (t, u): step t pruned, u of its updates done. Every process writes its part, then the first
+        names the folder in latest.json (replaced atomically) and removes the one before."""
+        rank, size = world()
+        name = f"{t:03d}-{u:06d}"
+        path = os.path.join(self.folder, name)
+        weights = self.mods[0].base.weight
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # a save that was killed before it completed
+            os.makedirs(os.path.join(path, "weights"))
+        barrier()
+        old = self.weights and os.path.join(self.folder, self.weights, "weights")
+        if old and os.path.isdir(old):  # fine-tuning changed A and B only: the projections' files stay
+            for f in sorted(os.listdir(old)) if rank == 0 else ():
+                os.link(os.path.join(old, f), os.path.join(path, "weights", f))
+        elif isinstance(weights, DTensor):  # --fsdp: each process its rows
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save({f"{i}": m.base.weight for i, m in enumerate(self.mods)},
+                     storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(path, "weights"), save_distributed=True))
+        elif rank == 0:
+            from safetensors.torch import save_file
+
+            save_file({f"{i}": m.base.weight.detach().cpu().contiguous() for i, m in enumerate(self.mods)},
+                      os.path.join(path, "weights", "weights.safetensors"))
+        tensors = self.tensors(opt) | self.rng()
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(tensors, os.path.join(path, "state.safetensors"))
+            state = dict(format=1, step=t, update=u, processes=size, settings=self.settings,
+                         fingerprint=self.fingerprint, report=self.report, pending=self.entry, losses=losses,
+                         adam_t=[st["t"] for st in opt.state] if opt else [])
+            with open(os.path.join(path, "state.json"), "w") as f:
+                json.dump(state, f)
+        self.stop_here(t, u, "write")
+        barrier()  # every part written
+        if rank == 0:
+            files = {os.path.relpath(os.path.join(d, f), self.folder): None for d, _, fs in os.walk(path) for f in fs}
+            files = {f: dict(bytes=os.path.getsize(os.path.join(self.folder, f)),
+                             sha256=sha256(os.path.join(self.folder, f))) for f in sorted(files)}
+            with open(os.path.join(self.folder, "latest.json.tmp"), "w") as f:
+                json.dump(dict(folder=name, files=files), f, indent=1)
+            os.replace(os.path.join(self.folder, "latest.json.tmp"), os.path.join(self.folder, "latest.json"))
+            for other in os.listdir(self.folder):
+                if other not in (name, "latest.json"):
+                    shutil.rmtree(os.path.join(self.folder, other), ignore_errors=True)
+        self.weights = name
+        barrier()
+
+    def stop_here(self, t, u, where=""):
+        """The tests' stop: at (t, u) [inside a save] write <folder>.stopped.<rank> with the pid, and wait to be
+        killed, or for a signal."""
+        if self.stop_at == [str(t), str(u), *([where] if where else [])]:
+            with open(f"{self.folder}.stopped.{world()[0]}", "w") as f:
+                f.write(str(os.getpid()))
+            while not SIGNALS:
+                time.sleep(0.05)
+
+    def reached(self, t, u, last, opt, losses):
+        """Position (t, u) reached: a checkpoint where one is due (after pruning, every `every` updates, after the
+        last), or where a signal asks the run to stop, which it then does (every process alike)."""
+        self.stop_here(t, u)
+        stop = torch.tensor([len(SIGNALS)], dtype=torch.float64)
+        if world()[1] > 1:
+            dist.all_reduce(stop, dist.ReduceOp.MAX)  # any process's signal stops all at this same update
+        if u == 0 or u % self.every == 0 or u == last or stop.item():
+            self.save(t, u, opt, losses)
+        if stop.item():
+            import signal
+
+            why = signal.Signals(SIGNALS[0]).name if SIGNALS else "a signal to another process"
+            if is_main():
+                at = f"step {t}, update {u} of {last}" if last else f"step {t}, after its pruning"
+            print(f"\nlosa.py: stopped by {why} at {at}; checkpoint in {self.folder}; "
+                      "run the same command with --resume to go on", file=sys.stderr, flush=True)
+            sys.exit(128 + (SIGNALS[0] if SIGNALS else 15))
+
+
+    def restore(self, mods):
+        """The loaded checkpoint's projections (--fsdp: this process's rows), LoRA and RNG states into the run."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(self.folder, self.loaded["folder"])
+        with torch.no_grad():
+            if isinstance(mods[0].base.weight, DTensor):
+                import torch.distributed.checkpoint as dcp
+
+                dcp.load({f"{i}": m.base.weight for i, m in enumerate(mods)},
+                         storage_reader=dcp.HuggingFaceStorageReader(os.path.join(path, "weights")))
+            else:
+                weights = load_file(os.path.join(path, "weights", "weights.safetensors"))
+                for i, m in enumerate(mods):
+                    m.base.weight.copy_(weights[f"{i}"])
+            self.state = load_file(os.path.join(path, "state.safetensors"))
+            for i, m in enumerate(mods):
+                m.lora_A.copy_(self.state[f"A.{i}"])
+                m.lora_B.copy_(self.state[f"B.{i}"])
+        rank = world()[0]
+        torch.set_rng_state(self.state[f"rng.{rank}.0"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(self.state[f"rng.{rank}.1"])
+        self.weights = self.loaded["folder"]
+
+    def load_optimizer(self, opt):
+        """AdamW's t, m and v as the checkpoint holds them (none after a pruning: a fresh AdamW)."""
+        for i, (st, t) in enumerate(zip(opt.state, self.loaded["adam_t"])):
+            st["t"] = t
+            st["m"].copy_(self.state[f"m.{i}"])
+            st["v"].copy_(self.state[f"v.{i}"])
+
+
+NOT_SETTINGS = ("resume", "overwrite", "save_every")  # flags that do not change what a run computes
+
+
+def verified(folder):
+    """The latest checkpoint's state.json (with its folder's name), once every file that latest.json lists has
+    its size and SHA-256; ValueError otherwise."""
+    try:
+        with open(os.path.join(folder, "latest.json")) as f:
+            latest = json.load(f)
+        name, files = latest["folder"], latest["files"]
+        for part in ("state.json", "state.safetensors"):
+            if f"{name}/{part}" not in files:
+                raise ValueError(f"latest.json lists no {part}")
+        for f, meta in files.items():
+            p = os.path.join(folder, f)
+            if not os.path.isfile(p) or os.path.getsize(p) != meta["bytes"] or sha256(p) != meta["sha256"]:
+                raise ValueError(f"{f} is missing, truncated or changed")
+        with open(os.path.join(folder, name, "state.json")) as f:
+            return json.load(f) | dict(folder=name)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--resume: the checkpoint in {folder} is incomplete or corrupt: {first_line(e)}") from None
+
+
+def open_checkpoint(args):
+    """The run's Checkpoint, in a folder beside --out. --resume: the latest checkpoint there, once it is whole and
+    was written by these flags on as many processes (checked by the first process). ValueError: the user's line."""
+    folder, size = f"{os.path.normpath(args.out)}.checkpoint", world()[1]
+    settings = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}, default=str))
+    there = os.path.exists(os.path.join(folder, "latest.json"))
+    if not args.resume:
+        if there and not args.overwrite:
+            raise ValueError(f"{folder} holds the checkpoint of an unfinished run: --resume goes on with it, "
+                             "--overwrite starts again")
+        barrier()  # every process has looked before the first removes it
+        if is_main():
+            shutil.rmtree(folder, ignore_errors=True)
+        return Checkpoint(folder, settings, args.save_every)
+    loaded, error = None, None
+    if is_main():
+        try:
+            if not there:
+                raise ValueError(f"--resume: no checkpoint in {folder}")
+            loaded = verified(folder)
+            other = [k for k in settings if loaded["settings"].get(k) != settings[k]]
+            if other:
+                raise ValueError("--resume: the checkpoint's run had other flags: " + ", ".join(
+                    f"--{k.replace('_', '-')} {loaded['settings'].get(k)} (here {settings[k]})" for k in other))
+            if loaded["processes"] != size:
+                raise ValueError(f"--resume: the checkpoint is of {loaded['processes']} processes, this run has "
+                                 f"{size}: resume with as many")
+        except ValueError as e:
+            error = str(e)
+    if size > 1:
+        sent = [loaded, error]
+        dist.broadcast_object_list(sent, 0)
+        loaded, error = sent
+    if error:
+        raise ValueError(error)
+    return Checkpoint(folder, settings, args.save_every, loaded)
+
+
+def check_resume(ck, model, calib_ids, plan):
+    """The fingerprint of this run's model and data (the first process's), against the checkpoint's on --resume:
+    ValueError where they differ."""
+    fp = [fingerprint(model, calib_ids, plan)]
+    if world()[1] > 1:
+        dist.broadcast_object_list(fp, 0)
+    ck.fingerprint = fp[0]
+    if ck.loaded:
+        for k in ("model", "data"):
+            if ck.loaded["fingerprint"][k] != fp[0][k]:
+                raise ValueError(f"--resume: the {k} differ{'s' if k == 'model' else ''} from the checkpoint's "
+                                 f"(its SHA-256 fingerprint)")
+
+
+def on_signal(signum, frame):
+    """SIGTERM, Ctrl-C: the run stops after the update in flight, with a checkpoint; a second Ctrl-C at once."""
+    import signal
+
+    if SIGNALS and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    SIGNALS.append(signum)
+    if is_main():
+        print(f"\nlosa.py: {signal.Signals(signum).name}: stopping after this update, with a checkpoint "
+              "(Ctrl-C again stops at once)", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def checkpointing(ck):
+    """Inside: losa() writes checkpoints to `ck` (None: none), and SIGTERM or Ctrl-C stop it at the next one."""
+    import signal
+
+    global CHECKPOINT
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if ck else {}
+    CHECKPOINT = ck
+    try:
+        yield
+    finally:
+        CHECKPOINT = None
+        SIGNALS.clear()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def finished(ck):
+    """A run that ended (done, or failed for good): its checkpoint removed."""
+    barrier()
+    if ck is not None and is_main():
+        shutil.rmtree(ck.folder, ignore_errors=True)
+
+
+def barrier():
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def steps(T, prune, mods, report):
+    """Algorithm 1's steps: yields (t, step t's pruning report from prune(t), its start time) for t = 1..T, a
+    checkpoint written after each pruning. Resumed: the checkpoint's steps skipped (their reports appended to
+    `report`), its step's pruning taken from it, its weights, LoRA and RNG states loaded."""
+    ck, pending = CHECKPOINT, None
+    if ck is not None:
+        ck.report, ck.mods = report, mods
+        if ck.loaded:
+            report.extend(ck.loaded["report"])
+            pending = ck.entry = ck.loaded["pending"]
+            ck.restore(mods)
+    for t in range(len(report) + 1, T + 1):
+        tic = time.time()
+        p = pending if pending is not None and pending["step"] == t else prune(t)
+        if ck is not None and p is not pending:
+            ck.entry, ck.weights = p, None  # the projections are new: the next save writes them
+            ck.reached(t, 0, None, None, [])
+        yield t, p, tic
+
+
+def checkpointed(t, updates, opt, losses):
+    """finetune's (u, micro-batches of update u) of step t, with a progress bar and, after each update, a
+    checkpoint where one is due. Resumed at step t: from the checkpoint's update, with its AdamW state and losses."""
+    ck, start = CHECKPOINT, 0
+    if ck is not None and ck.loaded and ck.loaded["step"] == t:
+        start = ck.loaded["update"]
+        losses.extend(ck.loaded["losses"])
+        ck.load_optimizer(opt)
+        ck.loaded = None
+    for u in tqdm(range(start, len(updates)), desc=f"fine-tune step {t}", leave=False, initial=start,
+                  total=len(updates)):
+        yield u, updates[u]
+        if ck is not None:
+            ck.reached(t, u + 1, len(updates), opt, losses)
+
 
 # -----------------------------------------------------------------------------------------------
 # the report as a figure (matplotlib, an optional dependency)
@@ -1443,7 +1793,11 @@ def build_parser():
       "pydoc 512)")
     a("--eval-batch-size", type=int, default=8, help=cmp + "sequences per scoring forward pass")
     a("--out", help="output folder (default out/<model>-<pruner>-<S or N:M>)")
-    a("--overwrite", action="store_true")
+    a("--overwrite", action="store_true", help="replace --out, and start again over an unfinished run's checkpoint")
+    a("--resume", action="store_true", help="go on with the unfinished run of --out from its checkpoint, "
+      "<out>.checkpoint (the same flags, model, data and process count)")
+    a("--save-every", type=int, default=200, help="a checkpoint every this many updates inside a step, and after "
+      "each step's pruning and last update (default 200: the paper's 7B run saves 3 times in its last step)")
     a("--seed", type=int, default=0)
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -1504,6 +1858,10 @@ def validate(args):
     args.out = args.out or os.path.join("out", f"{name}-{args.pruner.replace(',', '+')}-{target}")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
+    if args.resume and args.compare:
+        raise ValueError("--resume: --compare writes no checkpoints (a single LoSA run does)")
+    if args.save_every < 1:
+        raise ValueError("--save-every must be at least 1")
     return args
 
 
@@ -1805,6 +2163,10 @@ def main(argv=None):
     except ValueError as e:
         fail(e)
     args.device = start_processes(args.device)
+    try:
+        ck = None if args.compare else open_checkpoint(args)
+    except ValueError as e:
+        fail(e)
     tic, pydoc = time.time(), args.train == "pydoc" and args.data_dir is None
     path = smollm2_gguf() if args.model is None else args.model
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -1826,6 +2188,11 @@ def main(argv=None):
         score = scorer(model, tokenizer, texts, docs, seqlen, args.eval_batch_size, bos)
     except Exception as e:
         fail(f"cannot load data: {first_line(e)}")
+    try:
+        if ck is not None:
+            check_resume(ck, model, runs[0][0], runs[0][1])
+    except ValueError as e:
+        fail(e)
     if args.grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     data = dict(calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, window_bos=args.window_bos,
@@ -1833,12 +2200,14 @@ def main(argv=None):
     env = machine(args.device, dtype, args.fsdp)
     report = lambda c, steps, seconds: run_report(model, path, c, data, env, steps, seconds)
     try:
-        if not args.compare:
-            calib_ids, plan, _ = runs[0]
-            save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
-            print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, "
-                  f"total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
-            return
+        with checkpointing(ck):  # a single run: checkpoints, and SIGTERM / Ctrl-C stop it with one
+            if not args.compare:
+                calib_ids, plan, _ = runs[0]
+                save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
+                finished(ck)
+                print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, "
+                      f"total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
+                return
         source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else None
         scoring = dict(source=source or args.data_dir or "the Hub", texts=list(texts),
                        tasks=[] if pydoc else args.tasks, seqlen=seqlen, limit=args.limit,
@@ -1846,8 +2215,10 @@ def main(argv=None):
         meta = dict(model=path, data=data, scoring=scoring, machine=env, command=command(argv), started=tic)
         summary = run_comparison(model, tokenizer, runs, args, score, report, meta)
     except NonFiniteLoss as e:
+        finished(ck)  # it would fail again
         fail(f"{e}; nothing written", code=1)
     except IllConditionedHessian as e:
+        finished(ck)
         fail(f"{e}; nothing written")
     seeds = f"; mean ± sample sd over seeds {','.join(map(str, args.seeds))}" if len(args.seeds) > 1 else ""
     saved = f"{'LoSA model and ' if 'losa' in args.rows else ''}compare.json saved to {args.out}"

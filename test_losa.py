@@ -9,8 +9,11 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import asdict, replace
 from fractions import Fraction
 from pydoc_data.topics import topics
@@ -2251,6 +2254,107 @@ def test_two_processes_stop_with_one_line_and_write_nothing(tiny_run):
         assert run.returncode != 0 and output.count("losa.py: error:") == 1 and message in output
         assert f"exitcode  : {code} " in run.stderr and "exitcode  : 0" not in run.stderr
         assert sorted(p.name for p in tmp.iterdir()) == ["calib.txt", "model", "nan", "train.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints: runs killed with SIGKILL from outside at points the test chooses (LOSA_STOP_AT: every process waits
+# there, its pid in <out>.checkpoint.stopped.<rank>), then resumed with --resume
+
+
+def stopped(n, flags, out, at, signum=signal.SIGKILL):
+    """The run of `flags` on n processes, stopped by `signum` at LOSA_STOP_AT=`at` (SIGKILL: every process and
+    the launcher; else: the first process, or the launcher, which passes it on). Returns (exit code, its output)."""
+    launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              f"--nproc-per-node={n}"]
+    log = open(f"{out}.log", "w+")
+    proc = subprocess.Popen([*launch, os.path.join(HERE, "losa.py"), *map(str, flags), "--out", out], stdout=log,
+                            stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1", "LOSA_STOP_AT": at})
+    markers = [f"{out}.checkpoint.stopped.{k}" for k in range(n)]
+    for _ in range(6000):  # a hang would show here, not as a slow test
+        if all(os.path.exists(m) for m in markers) or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, open(f"{out}.log").read()[-3000:]
+    time.sleep(0.2)  # every marker's pid written
+    for pid in [int(open(m).read()) for m in markers] if signum == signal.SIGKILL else []:
+        os.kill(pid, signal.SIGKILL)
+    os.kill(proc.pid, signum)
+    code = proc.wait(timeout=600)
+    for m in markers:
+        os.remove(m)
+    log.seek(0)
+    return code, log.read()
+
+
+CHAIN = ("1:2:write", "2:0", "2:1", "2:3")  # T = 2 of 2 and 3 updates, --save-every 2: checkpoints (1, 0), (1, 2),
+# (2, 0), (2, 2), (2, 3). Killed inside the save of (1, 2), after step 2's pruning, mid-step, at the last update;
+# resumed from (1, 0), (1, 2), (2, 0), (2, 2)
+
+
+def assert_resumed(n, flags, tmp, out, one):
+    """The run of `flags` killed at each CHAIN point in turn, each time resumed with --resume from the checkpoint
+    before, then finished: its folder is `one`'s, bit for bit, and its report's steps are `one`'s."""
+    flags = [*flags, "--save-every", "2"]
+    for i, at in enumerate(CHAIN):
+        code, log = stopped(n, flags + (["--resume"] if i else []), tmp / out, at)
+        assert code != 0 and not (tmp / out).exists(), log[-3000:]
+    run = processes(n, flags + ["--resume", "--out", tmp / out])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not (tmp / f"{out}.checkpoint").exists()  # a finished run removes its checkpoint
+    assert_identical_model(tmp / one, tmp / out)
+    steps = lambda d: [{k: v for k, v in s.items() if k != "seconds"}
+                       for s in json.loads((tmp / d / "losa_report.json").read_text())["steps"]]
+    assert steps(out) == steps(one)  # losses, errors, ranks, sparsities: equal
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_run_and_refuses_bad_resumes(tiny_run):
+    """One process: killed at the four CHAIN points and resumed, it ends as the uninterrupted run. SIGTERM: a
+    checkpoint at the update where it came, exit 143, one line; resumed, the same end. Bad resumes (other flags,
+    another model, a truncated file, a pickle in place of a tensor file, another process count) and a run over an
+    unfinished one without --resume: exit 2, one line, nothing on disk changed."""
+    tmp, base = tiny_run
+    flags = base + ["--nsamples", "5"]
+    run = processes(1, flags + ["--out", tmp / "one"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_resumed(1, flags, tmp, "resumed", "one")
+    code, log = stopped(1, flags, tmp / "term", "2:1", signal.SIGTERM)
+    latest = json.loads((tmp / "term.checkpoint" / "latest.json").read_text())
+    assert code == 143 and latest["folder"] == "002-000001" and log.count("losa.py: stopped by SIGTERM") == 1
+    assert "--resume to go on" in next(line for line in log.splitlines() if "stopped by" in line)
+    assert not (tmp / "term").exists()
+    disk = lambda: {p: (p.stat().st_size, p.read_bytes()) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / "other").mkdir()
+    tiny_llama(seed=1).save_pretrained(tmp / "other")  # the same config and names, other weights
+    AutoTokenizer.from_pretrained(tmp / "model").save_pretrained(tmp / "other")
+    before, ck = disk(), tmp / "term.checkpoint" / "002-000001"
+    evil = "import os, pickle\nclass E:\n    def __reduce__(self):\n        return os.system, ('touch {}',)\n"
+    weights = ck / "weights" / "weights.safetensors"
+    for extra, spoil, message in (
+            ([], None, "holds the checkpoint of an unfinished run: --resume goes on with it, --overwrite"),
+            (["--resume", "--lr", "0.002"], None, "other flags: --lr"),
+            (["--resume", "--model", tmp / "other"], None, "other flags: --model"),
+            (["--resume"], lambda: shutil.copytree(tmp / "other", tmp / "model", dirs_exist_ok=True),
+             "the model differs from the checkpoint's"),
+            (["--resume"], lambda: weights.write_bytes(weights.read_bytes()[:1000]), "incomplete or corrupt"),
+            (["--resume"], lambda: subprocess.run([sys.executable, "-c", evil.format(tmp / "pwned") + "pickle.dump("
+                                                  f"E(), open('{weights}', 'wb'))"], check=True), "corrupt")):
+        saved = {p: p.read_bytes() for p in (weights, tmp / "model" / "model.safetensors")}
+        if spoil:
+            spoil()
+        spoiled = disk()
+        run = processes(1, flags + extra + ["--out", tmp / "term"])
+        assert run.returncode == 2 and run.stderr.count("losa.py: error:") == 1, run.stderr[-3000:]
+        assert message in run.stderr.strip().splitlines()[-1]
+        assert disk() == spoiled and not (tmp / "pwned").exists()
+        for p, b in saved.items():
+            p.write_bytes(b)
+    assert disk() == before
+    run = processes(2, flags + ["--resume", "--out", tmp / "term"])
+    assert run.returncode != 0 and "checkpoint is of 1 processes, this run has 2" in run.stderr and disk() == before
+    assert run.stderr.count("losa.py: error:") == 1
+    run = processes(1, flags + ["--resume", "--out", tmp / "term"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_identical_model(tmp / "one", tmp / "term")
 
 
 # ---------------------------------------------------------------------------------------------
