@@ -33,10 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMOL_GGUF = losa.smollm2_gguf()
 
 
-def tiny_llama(layers=4, hidden=64, mlp=128, vocab=49152, seed=0):
+def tiny_llama(layers=4, hidden=64, mlp=128, vocab=49152, seed=0, tied=False):
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256)
+                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -2080,11 +2080,17 @@ UNEVEN = ["--batch-size", "2", "--grad-accum", "3", "--train-samples", "20"]  # 
 
 def test_two_processes_prune_their_share_of_the_windows_to_the_one_process_masks(tiny_run):
     """Wanda on a tiny Llama whose MLP width (127) does not divide by 2 (--fsdp: uneven rows, the padding paths of
-    gathered() and whole()), 5 calibration windows (3 and 2 per process), two steps: every process captures only
-    its windows, and every mask of every step, the layer sparsities and ranks are one process's; the errors agree
-    to 1e-9; the data-parallel and the sharded model are one process's, bit for bit."""
+    gathered() and whole()), with tied embeddings, 5 calibration windows (3 and 2 per process), two steps: every
+    process captures only its windows, and every mask of every step, the layer sparsities and ranks are one
+    process's; the errors agree to 1e-9; the data-parallel and the sharded model are one process's, bit for bit,
+    and so are their folders' tensor names and bytes (the tied head saved once). Killed at the CHAIN points and
+    resumed, either ends as its uninterrupted run."""
+    from safetensors import safe_open
+
     tmp, base = tiny_run
-    tiny_llama(mlp=127).save_pretrained(tmp / "odd")
+    tied = tiny_llama(mlp=127, tied=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    tied.save_pretrained(tmp / "odd")
     AutoTokenizer.from_pretrained(tmp / "model").save_pretrained(tmp / "odd")
     flags = base + ["--model", tmp / "odd", "--nsamples", "5"]
     seen = recorded_runs(tmp, flags, ((1, "one", []), (2, "two", []), (2, "sharded", ["--fsdp"])))
@@ -2102,6 +2108,12 @@ def test_two_processes_prune_their_share_of_the_windows_to_the_one_process_masks
             assert s2["reconstruction_error"] == pytest.approx(s1["reconstruction_error"], rel=1e-9)
             assert s2["train_loss"] == s1["train_loss"]
         assert_identical_model(tmp / "one", tmp / out)
+        names = lambda d: sorted(safe_open(tmp / d / "model.safetensors", "pt").keys())
+        assert names(out) == names("one") and "lm_head.weight" not in names("one")
+        size = lambda d: (tmp / d / "model.safetensors").stat().st_size
+        assert abs(size(out) - size("one")) <= 0.01 * size("one")
+    for out, extra in (("two", []), ("sharded", ["--fsdp"])):
+        assert_resumed(2, flags + extra, tmp, f"{out}-resumed", out)
 
 
 def test_two_processes_give_the_one_process_model_with_fused_projections(tiny_run, tokenizer_dir):
