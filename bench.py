@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    "independent computations, speed at LLaMA-2-7B width, memory scaled to 32 blocks, torchrun with 1 "
                    "process; PASS/FAIL lines into --gpu-out/<GPU name>.txt, exit 1 on a FAIL (--device cpu: the same "
                    "at tiny sizes, into cpu-dry-run.txt)")
+    p.add_argument("--checkpoint", nargs="?", const="", metavar="MODEL", help="instead: the bytes and seconds of "
+                   "losa.py's checkpoints in a run on MODEL (default SmolLM2-135M), against its steps' seconds")
     p.add_argument("--gpu-out", default=os.path.join("results", "gpu"), help="--gpu-check: folder of its file")
     p.add_argument("--accum", type=int, default=4, help="--processes: micro-batches (of --batch) per update")
     p.add_argument("--_peak", type=int, help=argparse.SUPPRESS)  # internal: run the memory test for this depth
@@ -707,6 +709,40 @@ def model_decode_prefill(model, tokenizer, notes, prompt_len=128, new_tokens=128
               f"{projection_bytes(m) / 2**20:>17.1f}{f'{same}/{new_tokens}':>13}{err:>28.1e}")
 
 
+def checkpoint_cost():
+    """--checkpoint [MODEL]: the bytes and seconds of losa.py's checkpoints in a run on MODEL (default SmolLM2-135M;
+    the demo's settings, T = 2), against the seconds of the steps that wrote them."""
+    import tempfile
+
+    saves, save = [], losa.Checkpoint.save
+
+    def timed(self, t, u, opt, losses):
+        tic = time.time()
+        save(self, t, u, opt, losses)
+        files = {f: m["bytes"] for f, m in self.files.items()}
+        linked = sum(b for f, b in files.items() if os.stat(os.path.join(self.folder, f)).st_nlink > 1)
+        saves.append(dict(step=t, update=u, seconds=time.time() - tic, bytes=sum(files.values()), linked=linked))
+
+    losa.Checkpoint.save = timed
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["--model", args.checkpoint or losa.smollm2_gguf(), "--calib", "pydoc", "--train", "pydoc",
+                "--sparsity", "0.7", "--nsamples", "16", "--seqlen", "64", "--train-samples", "64", "--max-len", "96",
+                "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-3", "--steps", "2", "--save-every", "4",
+                "--device", args.device, "--out", os.path.join(tmp, "out")]
+        losa.main(argv)
+        with open(os.path.join(tmp, "out", "losa_report.json")) as f:
+            steps = json.load(f)["steps"]
+    print(f"python losa.py {' '.join(argv[:-2])}: {len(saves)} checkpoints")
+    for s in saves:
+        kind = "projections hard-linked" if s["linked"] else "projections written"
+        print(f"step {s['step']}, update {s['update']:>2}: {s['seconds']:.2f} s, {s['bytes'] / 1e6:.1f} MB "
+              f"({(s['bytes'] - s['linked']) / 1e6:.1f} MB written; {kind})")
+    for st in steps:
+        mine = [s["seconds"] for s in saves if s["step"] == st["step"]]
+        print(f"step {st['step']}: {st['seconds']:.1f} s ({st['updates']} updates), its {len(mine)} checkpoints "
+              f"{sum(mine):.2f} s = {sum(mine) / st['seconds']:.1%} of it")
+
+
 def inference():
     """python bench.py --inference [MODEL]: model decode/prefill (given MODEL), 7B-shape mat-vec sweep, memory."""
     import eval as ev
@@ -1217,6 +1253,8 @@ def main(argv=None):
         return gpu_check()
     if args.inference is not None:
         return inference()
+    if args.checkpoint is not None:
+        return checkpoint_cost()
     if args.processes:
         return processes_table()
     table()

@@ -1192,7 +1192,8 @@ def fingerprint(model, calib_ids, plan):
     rows) and of the data (the calibration windows and every micro-batch of the plan)."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in model.config.to_diff_dict().items() if k != "transformers_version"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.state_dict().items():
         h.update(f"{name} {tuple(p.shape)} {p.dtype}".encode())
         h.update(local(p).detach().reshape(-1)[:16].float().cpu().numpy().tobytes())
@@ -1204,18 +1205,16 @@ def fingerprint(model, calib_ids, plan):
 
 
 class Checkpoint:
-    """The checkpoint folder of one run: save() after a position (t, u), load() of the latest."""
+    """The checkpoint folder of one run: save() at a position (t, u), restore() and load_optimizer() of the one
+    --resume read (`loaded`: its state.json)."""
 
     def __init__(self, folder, settings, every, loaded=None):
         self.folder, self.settings, self.every, self.loaded = folder, settings, every, loaded
         self.fingerprint, self.report, self.mods, self.entry = None, None, None, None
         self.weights = None  # the checkpoint whose weight files hold today's projections (linked, not rewritten)
+        self.files = {}  # the files of the latest checkpoint with their sizes and hashes, as latest.json lists them
         stop = os.environ.get("LOSA_STOP_AT", "")  # tests: "t:u" stops at update u of step t, ":write" inside a save
         self.stop_at = stop.split(":") if stop else None
-
-    def latest(self):
-        with open(os.path.join(self.folder, "latest.json")) as f:
-            return json.load(f)
 
     def tensors(self, opt):
         """This run's LoRA and AdamW state as named tensors (the first process's; they agree on all)."""
@@ -1233,33 +1232,47 @@ class Checkpoint:
             dist.all_gather_object(everyone, mine)
         return {f"rng.{k}.{j}": s for k, states in enumerate(everyone) for j, s in enumerate(states)}
 
+    def linked(self, name):
+        """Fine-tuning changed A and B only: the projections' files of the checkpoint before, hard-linked into
+        `name`. Returns them with their sizes and hashes."""
+        known = {}
+        for f, meta in self.files.items():
+            if f.startswith(f"{self.weights}/weights/"):
+                new = f"{name}/{f.split('/', 1)[1]}"
+                known[new] = meta
+                if is_main():
+                    os.link(os.path.join(self.folder, f), os.path.join(self.folder, new))
+        return known
+
+    def write_weights(self, path):
+        """The pruned projections into `path`: --fsdp, each process its rows, through torch.distributed.checkpoint
+        (safetensors files with their layout in the header: nothing pickled); else the first process all."""
+        weights = {f"{i}": m.base.weight for i, m in enumerate(self.mods)}
+        if isinstance(weights["0"], DTensor):
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(weights, storage_writer=dcp.HuggingFaceStorageWriter(path, save_distributed=True))
+        elif is_main():
+            from safetensors.torch import save_file
+
+            save_file({k: w.detach().cpu().contiguous() for k, w in weights.items()},
+                      os.path.join(path, "weights.safetensors"))
+        return {}
+
     def save(self, t, u, opt, losses):
         """Checkpoint (t, u): step t pruned, u of its updates done. Every process writes its part, then the first
         names the folder in latest.json (replaced atomically) and removes the one before."""
         rank, size = world()
         name = f"{t:03d}-{u:06d}"
         path = os.path.join(self.folder, name)
-        weights = self.mods[0].base.weight
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)  # a save that was killed before it completed
             os.makedirs(os.path.join(path, "weights"))
         barrier()
-        old = self.weights and os.path.join(self.folder, self.weights, "weights")
-        if old and os.path.isdir(old):  # fine-tuning changed A and B only: the projections' files stay
-            for f in sorted(os.listdir(old)) if rank == 0 else ():
-                os.link(os.path.join(old, f), os.path.join(path, "weights", f))
-        elif isinstance(weights, DTensor):  # --fsdp: each process its rows
-            import torch.distributed.checkpoint as dcp
-
-            dcp.save({f"{i}": m.base.weight for i, m in enumerate(self.mods)},
-                     storage_writer=dcp.HuggingFaceStorageWriter(os.path.join(path, "weights"), save_distributed=True))
-        elif rank == 0:
-            from safetensors.torch import save_file
-
-            save_file({f"{i}": m.base.weight.detach().cpu().contiguous() for i, m in enumerate(self.mods)},
-                      os.path.join(path, "weights", "weights.safetensors"))
-        tensors = self.tensors(opt) | self.rng()
+        known = self.linked(name) if self.weights else self.write_weights(os.path.join(path, "weights"))
+        tensors = self.rng()  # (every process takes part)
         if rank == 0:
+            tensors |= self.tensors(opt)
             from safetensors.torch import save_file
 
             save_file(tensors, os.path.join(path, "state.safetensors"))
@@ -1270,12 +1283,11 @@ class Checkpoint:
                 json.dump(state, f)
         self.stop_here(t, u, "write")
         barrier()  # every part written
+        files = sorted(os.path.relpath(os.path.join(d, f), self.folder) for d, _, fs in os.walk(path) for f in fs)
+        self.files = hashed(self.folder, files, known)
         if rank == 0:
-            files = {os.path.relpath(os.path.join(d, f), self.folder): None for d, _, fs in os.walk(path) for f in fs}
-            files = {f: dict(bytes=os.path.getsize(os.path.join(self.folder, f)),
-                             sha256=sha256(os.path.join(self.folder, f))) for f in sorted(files)}
             with open(os.path.join(self.folder, "latest.json.tmp"), "w") as f:
-                json.dump(dict(folder=name, files=files), f, indent=1)
+                json.dump(dict(folder=name, files=self.files), f, indent=1)
             os.replace(os.path.join(self.folder, "latest.json.tmp"), os.path.join(self.folder, "latest.json"))
             for other in os.listdir(self.folder):
                 if other not in (name, "latest.json"):
@@ -1335,7 +1347,7 @@ class Checkpoint:
         torch.set_rng_state(self.state[f"rng.{rank}.0"])
         if torch.cuda.is_available():
             torch.cuda.set_rng_state(self.state[f"rng.{rank}.1"])
-        self.weights = self.loaded["folder"]
+        self.weights, self.files = self.loaded["folder"], self.loaded["files"]
 
     def load_optimizer(self, opt):
         """AdamW's t, m and v as the checkpoint holds them (none after a pruning: a fresh AdamW)."""
@@ -1348,9 +1360,25 @@ class Checkpoint:
 NOT_SETTINGS = ("resume", "overwrite", "save_every")  # flags that do not change what a run computes
 
 
+def hashed(folder, files, known=None):
+    """{file: its bytes and SHA-256 (None: missing)} of `files` in `folder` but the `known` ones, which keep
+    theirs; the i-th file hashed by process i mod N, on every process."""
+    rank, size = world()
+    known = known or {}
+    todo = [f for f in files if f not in known]
+    mine = {f: os.path.isfile(os.path.join(folder, f)) and dict(bytes=os.path.getsize(os.path.join(folder, f)),
+                                                                   sha256=sha256(os.path.join(folder, f))) or None
+            for f in todo[rank::size]}
+    everyone = [mine]
+    if size > 1:
+        everyone = [None] * size
+        dist.all_gather_object(everyone, mine)
+    return {f: known[f] if f in known else next(d[f] for d in everyone if f in d) for f in files}
+
+
 def verified(folder):
-    """The latest checkpoint's state.json (with its folder's name), once every file that latest.json lists has
-    its size and SHA-256; ValueError otherwise."""
+    """The latest checkpoint's state.json with its folder's name and its files' sizes and hashes, once every file
+    that latest.json lists has them (every process takes part); ValueError otherwise."""
     try:
         with open(os.path.join(folder, "latest.json")) as f:
             latest = json.load(f)
@@ -1358,51 +1386,41 @@ def verified(folder):
         for part in ("state.json", "state.safetensors"):
             if f"{name}/{part}" not in files:
                 raise ValueError(f"latest.json lists no {part}")
+        found = hashed(folder, sorted(files))
         for f, meta in files.items():
-            p = os.path.join(folder, f)
-            if not os.path.isfile(p) or os.path.getsize(p) != meta["bytes"] or sha256(p) != meta["sha256"]:
+            if found[f] != meta:
                 raise ValueError(f"{f} is missing, truncated or changed")
         with open(os.path.join(folder, name, "state.json")) as f:
-            return json.load(f) | dict(folder=name)
+            return json.load(f) | dict(folder=name, files=files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"--resume: the checkpoint in {folder} is incomplete or corrupt: {first_line(e)}") from None
 
 
 def open_checkpoint(args):
     """The run's Checkpoint, in a folder beside --out. --resume: the latest checkpoint there, once it is whole and
-    was written by these flags on as many processes (checked by the first process). ValueError: the user's line."""
+    was written by these flags on as many processes. ValueError: the user's line."""
     folder, size = f"{os.path.normpath(args.out)}.checkpoint", world()[1]
     settings = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}, default=str))
     there = os.path.exists(os.path.join(folder, "latest.json"))
+    barrier()  # every process has looked before the first may remove it
     if not args.resume:
         if there and not args.overwrite:
             raise ValueError(f"{folder} holds the checkpoint of an unfinished run: --resume goes on with it, "
                              "--overwrite starts again")
-        barrier()  # every process has looked before the first removes it
         if is_main():
             shutil.rmtree(folder, ignore_errors=True)
         return Checkpoint(folder, settings, args.save_every)
-    loaded, error = None, None
-    if is_main():
-        try:
-            if not there:
-                raise ValueError(f"--resume: no checkpoint in {folder}")
-            loaded = verified(folder)
-            other = [k for k in settings if loaded["settings"].get(k) != settings[k]]
-            if other:
-                raise ValueError("--resume: the checkpoint's run had other flags: " + ", ".join(
-                    f"--{k.replace('_', '-')} {loaded['settings'].get(k)} (here {settings[k]})" for k in other))
-            if loaded["processes"] != size:
-                raise ValueError(f"--resume: the checkpoint is of {loaded['processes']} processes, this run has "
-                                 f"{size}: resume with as many")
-        except ValueError as e:
-            error = str(e)
-    if size > 1:
-        sent = [loaded, error]
-        dist.broadcast_object_list(sent, 0)
-        loaded, error = sent
-    if error:
-        raise ValueError(error)
+    if not there:
+        raise ValueError(f"--resume: no checkpoint in {folder}")
+    loaded = verified(folder)
+    other = [k for k in settings if loaded["settings"].get(k) != settings[k]]
+    if other:
+        raise ValueError("--resume: the checkpoint's run had other flags: " + ", ".join(
+            f"--{k.replace('_', '-')} {loaded['settings'].get(k)} (here {settings[k]})" for k in other))
+    if loaded["processes"] != size:
+        n = loaded["processes"]
+        raise ValueError(f"--resume: the checkpoint is of {n} process{'es' if n > 1 else ''}, this run has {size}: "
+                         "resume with as many")
     return Checkpoint(folder, settings, args.save_every, loaded)
 
 
