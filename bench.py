@@ -714,14 +714,17 @@ def checkpoint_cost():
     the demo's settings, T = 2), against the seconds of the steps that wrote them."""
     import tempfile
 
-    saves, save = [], losa.Checkpoint.save
+    saves, save, inodes = [], losa.Checkpoint.save, set()
 
     def timed(self, t, u, opt, losses):
         tic = time.time()
         save(self, t, u, opt, losses)
-        files = {f: m["bytes"] for f, m in self.files.items()}
-        linked = sum(b for f, b in files.items() if os.stat(os.path.join(self.folder, f)).st_nlink > 1)
-        saves.append(dict(step=t, update=u, seconds=time.time() - tic, bytes=sum(files.values()), linked=linked))
+        seconds = time.time() - tic
+        files = {os.stat(os.path.join(self.folder, f)).st_ino: m["bytes"] for f, m in self.files.items()}
+        linked = sum(b for ino, b in files.items() if ino in inodes)  # the files of the checkpoint before
+        inodes.clear()
+        inodes.update(files)
+        saves.append(dict(step=t, update=u, seconds=seconds, bytes=sum(files.values()), linked=linked))
 
     losa.Checkpoint.save = timed
     with tempfile.TemporaryDirectory() as tmp:
@@ -734,9 +737,8 @@ def checkpoint_cost():
             steps = json.load(f)["steps"]
     print(f"python losa.py {' '.join(argv[:-2])}: {len(saves)} checkpoints")
     for s in saves:
-        kind = "projections hard-linked" if s["linked"] else "projections written"
-        print(f"step {s['step']}, update {s['update']:>2}: {s['seconds']:.2f} s, {s['bytes'] / 1e6:.1f} MB "
-              f"({(s['bytes'] - s['linked']) / 1e6:.1f} MB written; {kind})")
+        print(f"step {s['step']}, update {s['update']:>2}: {s['seconds']:.2f} s, {s['bytes'] / 1e6:.1f} MB, "
+              f"{(s['bytes'] - s['linked']) / 1e6:.1f} MB written ({s['linked'] / 1e6:.1f} MB hard-linked)")
     for st in steps:
         mine = [s["seconds"] for s in saves if s["step"] == st["step"]]
         print(f"step {st['step']}: {st['seconds']:.1f} s ({st['updates']} updates), its {len(mine)} checkpoints "
