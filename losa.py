@@ -1308,7 +1308,7 @@ class Checkpoint:
         """Position (t, u) reached: a checkpoint where one is due (after pruning, every `every` updates, after the
         last), or where a signal asks the run to stop, which it then does (every process alike)."""
         self.stop_here(t, u)
-        stop = torch.tensor([len(SIGNALS)], dtype=torch.float64)
+        stop = torch.tensor([len(SIGNALS)], dtype=torch.float64, device=self.mods[0].lora_A.device)  # (NCCL: GPU)
         if world()[1] > 1:
             dist.all_reduce(stop, dist.ReduceOp.MAX)  # any process's signal stops all at this same update
         if u == 0 or u % self.every == 0 or u == last or stop.item():
@@ -1317,12 +1317,11 @@ class Checkpoint:
             import signal
 
             why = signal.Signals(SIGNALS[0]).name if SIGNALS else "a signal to another process"
+            at = f"step {t}, update {u} of {last}" if last else f"step {t}, after its pruning"
             if is_main():
-                at = f"step {t}, update {u} of {last}" if last else f"step {t}, after its pruning"
-            print(f"\nlosa.py: stopped by {why} at {at}; checkpoint in {self.folder}; "
+                print(f"\nlosa.py: stopped by {why} at {at}; checkpoint in {self.folder}; "
                       "run the same command with --resume to go on", file=sys.stderr, flush=True)
             sys.exit(128 + (SIGNALS[0] if SIGNALS else 15))
-
 
     def restore(self, mods):
         """The loaded checkpoint's projections (--fsdp: this process's rows), LoRA and RNG states into the run."""

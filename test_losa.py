@@ -2084,8 +2084,8 @@ def test_two_processes_prune_their_share_of_the_windows_to_the_one_process_masks
     process captures only its windows, and every mask of every step, the layer sparsities and ranks are one
     process's; the errors agree to 1e-9; the data-parallel and the sharded model are one process's, bit for bit,
     and so are their folders' tensor names and bytes (the tied head saved once). Killed at two CHAIN points each
-    (data-parallel: inside a save, mid-step; --fsdp: after a pruning, at the last update) and resumed, either ends
-    as its uninterrupted run."""
+    (data-parallel: inside a save, mid-step, then SIGTERM to torchrun; --fsdp: after a pruning, at the last update)
+    and resumed, either ends as its uninterrupted run."""
     from safetensors import safe_open
 
     tmp, base = tiny_run
@@ -2113,7 +2113,8 @@ def test_two_processes_prune_their_share_of_the_windows_to_the_one_process_masks
         assert names(out) == names("one") and "lm_head.weight" not in names("one")
         size = lambda d: (tmp / d / "model.safetensors").stat().st_size
         assert abs(size(out) - size("one")) <= 0.01 * size("one")
-    for out, extra, chain in (("two", [], CHAIN[::2]), ("sharded", ["--fsdp"], CHAIN[1::2])):  # two points each
+    sigterm = ("2:2", signal.SIGTERM)  # to the launcher, which passes it on: every process stops at this update
+    for out, extra, chain in (("two", [], (*CHAIN[::2], sigterm)), ("sharded", ["--fsdp"], CHAIN[1::2])):
         assert_resumed(2, flags + extra, tmp, f"{out}-resumed", out, chain)
 
 
@@ -2307,8 +2308,14 @@ def assert_resumed(n, flags, tmp, out, one, chain=CHAIN):
     before, then finished: its folder is `one`'s, bit for bit, and its report's steps are `one`'s."""
     flags = [*flags, "--save-every", "2"]
     for i, at in enumerate(chain):
-        code, log = stopped(n, flags + (["--resume"] if i else []), tmp / out, at)
+        at, signum = at if isinstance(at, tuple) else (at, signal.SIGKILL)
+        code, log = stopped(n, flags + (["--resume"] if i else []), tmp / out, at, signum)
         assert code != 0 and not (tmp / out).exists(), log[-3000:]
+        if signum == signal.SIGTERM:  # the update ends, its checkpoint is written, one line (the first process's)
+            assert log.count("losa.py: stopped by SIGTERM") == 1, log[-3000:]
+            at = at.split(":")
+            assert json.loads((tmp / f"{out}.checkpoint" / "latest.json").read_text())["folder"] == \
+                f"{int(at[0]):03d}-{int(at[1]):06d}"
     run = processes(n, flags + ["--resume", "--out", tmp / out])
     assert run.returncode == 0, run.stderr[-3000:]
     assert not (tmp / f"{out}.checkpoint").exists()  # a finished run removes its checkpoint
