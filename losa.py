@@ -1211,6 +1211,7 @@ class Checkpoint:
     def __init__(self, folder, settings, every, loaded=None):
         self.folder, self.settings, self.every, self.loaded = folder, settings, every, loaded
         self.fingerprint, self.report, self.mods, self.entry = None, None, None, None
+        self.row, self.rows = None, loaded["rows"] if loaded else []  # --compare: the row in flight, the finished
         self.weights = None  # the checkpoint whose weight files hold today's projections (linked, not rewritten)
         self.files = {}  # the files of the latest checkpoint with their sizes and hashes, as latest.json lists them
         stop = os.environ.get("LOSA_STOP_AT", "")  # tests: "t:u" stops at update u of step t, ":write" inside a save
@@ -1262,7 +1263,7 @@ class Checkpoint:
     def save(self, t, u, opt, losses):
         """Checkpoint (t, u): step t pruned, u of its updates done. Every process writes its part, then the first
         names the folder in latest.json (replaced atomically) and removes the one before."""
-        rank, size = world()
+        rank = world()[0]
         name = f"{t:03d}-{u:06d}"
         path = os.path.join(self.folder, name)
         if rank == 0:
@@ -1276,24 +1277,44 @@ class Checkpoint:
             from safetensors.torch import save_file
 
             save_file(tensors, os.path.join(path, "state.safetensors"))
-            state = dict(format=1, step=t, update=u, processes=size, settings=self.settings,
-                         fingerprint=self.fingerprint, report=self.report, pending=self.entry, losses=losses,
-                         adam_t=[st["t"] for st in opt.state] if opt else [])
-            with open(os.path.join(path, "state.json"), "w") as f:
-                json.dump(state, f)
+            self.write_state(path, dict(step=t, update=u, report=self.report, pending=self.entry, losses=losses,
+                                        adam_t=[st["t"] for st in opt.state] if opt else []))
         self.stop_here(t, u, "write")
-        barrier()  # every part written
+        self.publish(name, known)
+        self.weights = name
+
+    def write_state(self, path, position):
+        """state.json: the position and report (`position`), the rows of --compare, what a resume checks."""
+        state = dict(format=1, processes=world()[1], settings=self.settings, fingerprint=self.fingerprint,
+                     row=self.row, rows=self.rows, **position)
+        with open(os.path.join(path, "state.json"), "w") as f:
+            json.dump(state, f)
+
+    def publish(self, name, known):
+        """Once every process has written its part of checkpoint `name`: latest.json names it with every file's
+        size and hash (`known`: the linked ones'), replaced atomically; the checkpoints before it removed."""
+        barrier()
+        path = os.path.join(self.folder, name)
         files = sorted(os.path.relpath(os.path.join(d, f), self.folder) for d, _, fs in os.walk(path) for f in fs)
         self.files = hashed(self.folder, files, known)
-        if rank == 0:
+        if is_main():
             with open(os.path.join(self.folder, "latest.json.tmp"), "w") as f:
                 json.dump(dict(folder=name, files=self.files), f, indent=1)
             os.replace(os.path.join(self.folder, "latest.json.tmp"), os.path.join(self.folder, "latest.json"))
             for other in os.listdir(self.folder):
-                if other not in (name, "latest.json"):
+                if other not in (name, "latest.json", "kept"):  # kept: --compare's LoSA folders, until the end
                     shutil.rmtree(os.path.join(self.folder, other), ignore_errors=True)
-        self.weights = name
         barrier()
+
+    def save_rows(self):
+        """--compare: a checkpoint of the finished rows alone (the next row starts from the original model)."""
+        name = f"rows-{len(self.rows):04d}"
+        if is_main():
+            shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+            os.makedirs(os.path.join(self.folder, name))
+            self.write_state(os.path.join(self.folder, name), dict(step=None, update=None, report=[], pending=None))
+        self.publish(name, {})
+        self.weights = None
 
     def stop_here(self, t, u, where=""):
         """The tests' stop: at (t, u) [inside a save] write <folder>.stopped.<rank> with the pid, and wait to be
@@ -1382,9 +1403,8 @@ def verified(folder):
         with open(os.path.join(folder, "latest.json")) as f:
             latest = json.load(f)
         name, files = latest["folder"], latest["files"]
-        for part in ("state.json", "state.safetensors"):
-            if f"{name}/{part}" not in files:
-                raise ValueError(f"latest.json lists no {part}")
+        if f"{name}/state.json" not in files:
+            raise ValueError("latest.json lists no state.json")
         found = hashed(folder, sorted(files))
         for f, meta in files.items():
             if found[f] != meta:
@@ -1423,10 +1443,10 @@ def open_checkpoint(args):
     return Checkpoint(folder, settings, args.save_every, loaded)
 
 
-def check_resume(ck, model, calib_ids, plan):
-    """The fingerprint of this run's model and data (the first process's), against the checkpoint's on --resume:
-    ValueError where they differ."""
-    fp = [fingerprint(model, calib_ids, plan)]
+def check_resume(ck, model, runs):
+    """The fingerprint of this run's model and data (every seed's; the first process's), against the checkpoint's
+    on --resume: ValueError where they differ."""
+    fp = [fingerprint(model, torch.cat([r[0] for r in runs]), [step for r in runs for step in r[1]])]
     if world()[1] > 1:
         dist.broadcast_object_list(fp, 0)
     ck.fingerprint = fp[0]
@@ -1435,6 +1455,24 @@ def check_resume(ck, model, calib_ids, plan):
             if ck.loaded["fingerprint"][k] != fp[0][k]:
                 raise ValueError(f"--resume: the {k} differ{'s' if k == 'model' else ''} from the checkpoint's "
                                  f"(its SHA-256 fingerprint)")
+        at = f"step {ck.loaded['step']} with {ck.loaded['update']} updates done" if ck.loaded["pending"] else "rows"
+        print(f"--resume: from {ck.folder}, {at}" + (f", {len(ck.rows)} rows finished" if ck.rows else ""))
+
+
+def row_held(key):
+    """--compare: row `key` ("seed.job") as the checkpoint holds it, if it finished before (--resume), else None.
+    Either way the next losa() call checkpoints as this row."""
+    if CHECKPOINT is None:
+        return None
+    CHECKPOINT.row = key
+    return next((row for k, row in CHECKPOINT.rows if k == key), None)
+
+
+def row_finished(row):
+    """--compare: the row in flight finished: a checkpoint holding it and the rows before."""
+    if CHECKPOINT is not None:
+        CHECKPOINT.rows.append([CHECKPOINT.row, row])
+        CHECKPOINT.save_rows()
 
 
 def on_signal(signum, frame):
@@ -1485,7 +1523,7 @@ def steps(T, prune, mods, report):
     ck, pending = CHECKPOINT, None
     if ck is not None:
         ck.report, ck.mods = report, mods
-        if ck.loaded:
+        if ck.loaded and ck.loaded["row"] == ck.row and ck.loaded["pending"] is not None:
             report.extend(ck.loaded["report"])
             pending = ck.entry = ck.loaded["pending"]
             ck.restore(mods)
@@ -1502,7 +1540,7 @@ def checkpointed(t, updates, opt, losses):
     """finetune's (u, micro-batches of update u) of step t, with a progress bar and, after each update, a
     checkpoint where one is due. Resumed at step t: from the checkpoint's update, with its AdamW state and losses."""
     ck, start = CHECKPOINT, 0
-    if ck is not None and ck.loaded and ck.loaded["step"] == t:
+    if ck is not None and ck.loaded and ck.loaded["row"] == ck.row and ck.loaded["step"] == t:
         start = ck.loaded["update"]
         losses.extend(ck.loaded["losses"])
         ck.load_optimizer(opt)
@@ -1656,6 +1694,9 @@ def compare(model, calib_ids, plan, cfg, pruners, names, score, dense, keep=None
     rows = []
     for k, (pruner, name) in enumerate(jobs, 1):
         print(f"{tag}row {k} of {len(jobs)}: {name}{f' ({pruner})' if pruner else ''}", flush=True)
+        if held := row_held(f"{cfg.seed}.{k}"):  # --resume: a row the checkpoint holds, finished
+            rows.append(held)
+            continue
         tic, c, steps = time.time(), replace(cfg, pruner=pruner or cfg.pruner, **ROWS.get(name, {})), []
         if name.startswith("lora"):  # LoSA's updates, in LoSA's order, under one schedule
             losa_steps = next(r["steps"] for r in rows if (r["name"], r["pruner"]) == ("losa", pruner))
@@ -1672,6 +1713,7 @@ def compare(model, calib_ids, plan, cfg, pruners, names, score, dense, keep=None
               flush=True)
         if name == "losa" and keep is not None:
             keep(rows[-1])
+        row_finished(rows[-1])  # a checkpoint holding it
         restore_(model, dense)
     return sorted(rows, key=lambda r: (pruners.index(r["pruner"]) if r["pruner"] else -1, ORDER.index(r["name"])))
 
@@ -1875,8 +1917,6 @@ def validate(args):
     args.out = args.out or os.path.join("out", f"{name}-{args.pruner.replace(',', '+')}-{target}")
     if os.path.exists(args.out) and not args.overwrite:
         raise ValueError(f"--out {args.out} exists; pass --overwrite to replace it")
-    if args.resume and args.compare:
-        raise ValueError("--resume: --compare writes no checkpoints (a single LoSA run does)")
     if args.save_every < 1:
         raise ValueError("--save-every must be at least 1")
     return args
@@ -2088,7 +2128,8 @@ def run_comparison(model, tokenizer, runs, args, score, report, meta):
     seed's rows and their summary (mean and sd per row and score). `runs`: (calibration windows, plan,
     settings) per seed."""
     with staged(args.out) as stage:
-        where = lambda pruner: stage if len(args.pruners) == 1 else os.path.join(stage, pruner)
+        kept = os.path.join(CHECKPOINT.folder, "kept") if CHECKPOINT else stage  # a resumed run finds them there
+        where = lambda pruner: kept if len(args.pruners) == 1 else os.path.join(kept, pruner)
         keep = lambda row: save(model, tokenizer, report(replace(runs[0][2], pruner=row["pruner"]), row["steps"],
                                                          row["seconds"]), where(row["pruner"]))
         dense, rows = dense_weights(model), []  # the original projections: restore_ needs no other copy of the model
@@ -2096,6 +2137,9 @@ def run_comparison(model, tokenizer, runs, args, score, report, meta):
             tag = f"seed {cfg.seed} ({i + 1} of {len(runs)}), " if len(runs) > 1 else ""
             first = keep if i == 0 else None
             rows += compare(model, calib_ids, plan, cfg, args.pruners, args.rows, score, dense, first, tag)
+        if kept != stage and is_main() and os.path.isdir(kept):
+            for f in os.listdir(kept):
+                shutil.move(os.path.join(kept, f), os.path.join(stage, f))
         summary = summarize(rows)
         meta = dict(meta)
         seconds = round(time.time() - meta.pop("started"), 1)  # wall time from the start of main()
@@ -2181,7 +2225,7 @@ def main(argv=None):
         fail(e)
     args.device = start_processes(args.device)
     try:
-        ck = None if args.compare else open_checkpoint(args)
+        ck = open_checkpoint(args)
     except ValueError as e:
         fail(e)
     tic, pydoc = time.time(), args.train == "pydoc" and args.data_dir is None
@@ -2207,7 +2251,7 @@ def main(argv=None):
         fail(f"cannot load data: {first_line(e)}")
     try:
         if ck is not None:
-            check_resume(ck, model, runs[0][0], runs[0][1])
+            check_resume(ck, model, runs)
     except ValueError as e:
         fail(e)
     if args.grad_checkpoint:
@@ -2217,7 +2261,7 @@ def main(argv=None):
     env = machine(args.device, dtype, args.fsdp)
     report = lambda c, steps, seconds: run_report(model, path, c, data, env, steps, seconds)
     try:
-        with checkpointing(ck):  # a single run: checkpoints, and SIGTERM / Ctrl-C stop it with one
+        with checkpointing(ck):  # checkpoints, and SIGTERM / Ctrl-C stop the run with one
             if not args.compare:
                 calib_ids, plan, _ = runs[0]
                 save(model, tokenizer, report(cfg, losa(model, calib_ids, plan, cfg), time.time() - tic), args.out)
@@ -2225,12 +2269,13 @@ def main(argv=None):
                 print(f"\nachieved sparsity {achieved_sparsity(decoder_layers(model)):.4f}, "
                       f"total {(time.time() - tic) / 60:.1f} min, saved to {args.out}")
                 return
-        source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else None
-        scoring = dict(source=source or args.data_dir or "the Hub", texts=list(texts),
-                       tasks=[] if pydoc else args.tasks, seqlen=seqlen, limit=args.limit,
-                       batch_size=args.eval_batch_size)
-        meta = dict(model=path, data=data, scoring=scoring, machine=env, command=command(argv), started=tic)
-        summary = run_comparison(model, tokenizer, runs, args, score, report, meta)
+            source = "held-back pydoc text (in domain) and data/wikipedia.txt (out of domain)" if pydoc else None
+            scoring = dict(source=source or args.data_dir or "the Hub", texts=list(texts),
+                           tasks=[] if pydoc else args.tasks, seqlen=seqlen, limit=args.limit,
+                           batch_size=args.eval_batch_size)
+            meta = dict(model=path, data=data, scoring=scoring, machine=env, command=command(argv), started=tic)
+            summary = run_comparison(model, tokenizer, runs, args, score, report, meta)
+            finished(ck)
     except NonFiniteLoss as e:
         finished(ck)  # it would fail again
         fail(f"{e}; nothing written", code=1)

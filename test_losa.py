@@ -2303,21 +2303,30 @@ CHAIN = ("1:2:write", "2:0", "2:1", "2:3")  # T = 2 of 2 and 3 updates, --save-e
 # resumed from (1, 0), (1, 2), (2, 0), (2, 2)
 
 
+def resumed_from(folder):
+    """The line a run resumed from the latest checkpoint in `folder` prints: where it goes on."""
+    name = json.loads((folder / "latest.json").read_text())["folder"]
+    t, u = name.split("-")
+    return f"--resume: from {folder}, step {int(t)} with {int(u)} updates done"
+
+
 def assert_resumed(n, flags, tmp, out, one, chain=CHAIN):
     """The run of `flags` killed at each `chain` point in turn, each time resumed with --resume from the checkpoint
     before, then finished: its folder is `one`'s, bit for bit, and its report's steps are `one`'s."""
     flags = [*flags, "--save-every", "2"]
     for i, at in enumerate(chain):
         at, signum = at if isinstance(at, tuple) else (at, signal.SIGKILL)
+        there = resumed_from(tmp / f"{out}.checkpoint") if i else None
         code, log = stopped(n, flags + (["--resume"] if i else []), tmp / out, at, signum)
-        assert code != 0 and not (tmp / out).exists(), log[-3000:]
+        assert code != 0 and not (tmp / out).exists() and (not there or there in log), log[-3000:]
         if signum == signal.SIGTERM:  # the update ends, its checkpoint is written, one line (the first process's)
             assert log.count("losa.py: stopped by SIGTERM") == 1, log[-3000:]
             at = at.split(":")
             assert json.loads((tmp / f"{out}.checkpoint" / "latest.json").read_text())["folder"] == \
                 f"{int(at[0]):03d}-{int(at[1]):06d}"
+    there = resumed_from(tmp / f"{out}.checkpoint")
     run = processes(n, flags + ["--resume", "--out", tmp / out])
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0 and there in run.stdout, run.stderr[-3000:]
     assert not (tmp / f"{out}.checkpoint").exists()  # a finished run removes its checkpoint
     assert_identical_model(tmp / one, tmp / out)
     steps = lambda d: [{k: v for k, v in s.items() if k != "seconds"}
@@ -2373,6 +2382,35 @@ def test_a_killed_run_resumes_to_the_uninterrupted_run_and_refuses_bad_resumes(t
     run = processes(1, flags + ["--resume", "--out", tmp / "term"])
     assert run.returncode == 0, run.stderr[-3000:]
     assert_identical_model(tmp / "one", tmp / "term")
+
+
+def test_a_killed_comparison_resumes_to_the_uninterrupted_rows(tiny_run):
+    """--compare (dense, one-shot, LoSA, w. LoRA, scored on local files) killed with SIGKILL in LoSA's second step,
+    then, resumed, in w. LoRA's fine-tuning; resumed again it finishes: every row of compare.json (but its seconds)
+    and the kept LoSA folder are the uninterrupted run's."""
+    tmp, base = tiny_run
+    write_data(tmp / "data")
+    flags = base + ["--sparsity", "0.5", "--compare", "--data-dir", tmp / "data", "--tasks", "wikitext2",
+                    "--eval-seqlen", "128", "--rows", "oneshot,lora,losa", "--nsamples", "5"]
+    run = processes(1, flags + ["--out", tmp / "one"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    held = []
+    for i, at in enumerate(("2:1", "1:1")):  # LoSA's step 2; then w. LoRA's one step (LoSA is past step 1)
+        there = resumed_from(tmp / "two.checkpoint") if i else None
+        code, log = stopped(1, flags + (["--resume"] if i else []), tmp / "two", at)
+        assert code != 0 and not (tmp / "two").exists() and (not there or there in log), log[-3000:]
+        latest = json.loads((tmp / "two.checkpoint" / "latest.json").read_text())["folder"]
+        st = json.loads((tmp / "two.checkpoint" / latest / "state.json").read_text())
+        held.append(([k for k, _ in st["rows"]], st["row"], st["step"], st["update"]))
+    assert held == [(["0.1", "0.2"], "0.3", 2, 0), (["0.1", "0.2", "0.3"], "0.4", 1, 0)]  # dense, one-shot, LoSA
+    run = processes(1, flags + ["--resume", "--out", tmp / "two"])
+    assert run.returncode == 0 and "3 rows finished" in run.stdout, run.stderr[-3000:]
+    assert not (tmp / "two.checkpoint").exists()
+    rows = lambda d: [{k: v if k != "steps" else [{**s, "seconds": 0} for s in v] for k, v in r.items()
+                       if k != "seconds"} for r in json.loads((tmp / d / "compare.json").read_text())["rows"]]
+    assert [r["name"] for r in rows("one")] == ["dense", "oneshot", "lora", "losa"]
+    assert rows("two") == rows("one")
+    assert_identical_model(tmp / "one", tmp / "two")
 
 
 # ---------------------------------------------------------------------------------------------
