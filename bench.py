@@ -68,7 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--nsamples", type=int, default=16, help="pruning pass: calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=256, help="pruning pass: tokens per calibration sequence")
     p.add_argument("--repeats", type=int, default=3, help="timed round-robin rounds (after one warm-up round)")
-    p.add_argument("--prune-repeats", type=int, default=2)
+    p.add_argument("--prune-repeats", type=int, default=2, help="pruning passes timed (--processes: the best of "
+                   "them in each launch)")
+    p.add_argument("--launches", type=int, default=3, help="--processes: launches of each configuration")
     p.add_argument("--peak-width", type=int, default=128, help="memory test: width (small, so buffers dominate noise)")
     p.add_argument("--peak-depths", default="4,16")
     p.add_argument("--peak-nsamples", type=int, default=32)
@@ -80,7 +82,7 @@ def parse_args(argv=None):
                    help="instead: dense vs sparse projections at inference (decode and prefill of MODEL, a LoSA "
                         "output folder or any model eval.py loads; 7B-shape mat-vec sweep; memory of each format)")
     p.add_argument("--processes", type=int, metavar="N", help="instead: fine-tuning and the pruning pass under "
-                   "torchrun, N processes against one (--width: its first value; --repeats launches of each)")
+                   "torchrun, N processes against one (--width: its first value; --launches of each)")
     p.add_argument("--gpu-check", action="store_true", help="instead: correctness on the device against "
                    "independent computations, speed at LLaMA-2-7B width, memory scaled to 32 blocks, torchrun with 1 "
                    "process; PASS/FAIL lines into --gpu-out/<GPU name>.txt, exit 1 on a FAIL (--device cpu: the same "
@@ -402,9 +404,10 @@ def depth_rows():
 
 def processes_worker():
     """One torchrun process: the same random model everywhere (--_fsdp: sharded as losa.py --fsdp shards it),
-    timed losa.finetune updates (the first one a warm-up), a Wanda and a SparseGPT pruning pass of the same
-    weights, and (not sharded: --fsdp runs no --compare) a perplexity scoring; the first process prints the times
-    and the bytes of its block-0 inputs (one activation buffer of the pass's three) as JSON."""
+    timed losa.finetune updates (the first one a warm-up), the best of --prune-repeats Wanda and SparseGPT pruning
+    passes of the same weights, and (not sharded: --fsdp runs no --compare) a perplexity scoring; the first
+    process prints the times and the bytes of its block-0 inputs (one activation buffer of the pass's three) as
+    JSON."""
     args.device = losa.start_processes(args.device)
     w, accum = int(args.width.split(",")[0]), args.accum
     model = build(w, args.layers, args.seqlen)
@@ -428,13 +431,13 @@ def processes_worker():
     x0, kwargs = losa.capture_block_inputs(model, calib)  # this process's windows
     dense = losa.dense_weights(model)
     out = dict(update=step, tokens=accum * args.batch * args.seqlen, activations=x0.numel() * x0.element_size())
-    for pruner in ("wanda", "sparsegpt"):
+    for pruner in ("wanda", "sparsegpt") * args.prune_repeats:
         torch.distributed.barrier()
         tic = time.perf_counter()
         losa.block_grams(model, x0, kwargs)
         losa.prune_blocks(model, x0, kwargs, [0.6] * args.layers, pruner, None, dense)
         sync()
-        out[pruner] = time.perf_counter() - tic
+        out[pruner] = min(out.get(pruner, math.inf), time.perf_counter() - tic)
         losa.restore_(model, dense)
     if not args._fsdp:
         import eval as ev
@@ -453,7 +456,8 @@ def processes_table():
     n, w = args.processes, int(args.width.split(",")[0])
     flags = ["--_worker", "--width", str(w), "--layers", str(args.layers), "--batch", str(args.batch),
              "--seqlen", str(args.seqlen), "--accum", str(args.accum), "--repeats", str(args.repeats),
-             "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--device", args.device]
+             "--nsamples", str(args.nsamples), "--calib-seqlen", str(args.calib_seqlen), "--device", args.device,
+             "--prune-repeats", str(args.prune_repeats)]
     names = {1: "1 process", n: f"{n} processes", "fsdp": f"{n} processes, --fsdp",
              "apart": f"{n} independent 1-process runs side by side, each on 1/{n} of the work"}
     runs = {1: [], n: [], "fsdp": [], "apart": []}
@@ -461,7 +465,7 @@ def processes_table():
     launch = lambda k, extra: subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={k}", __file__, *flags,
          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for _ in range(2):
+    for _ in range(args.launches):
         for k in runs:
             print(f"{names[k]} ...", file=sys.stderr, flush=True)
             if k == "apart":  # the machine's own ceiling: no communication, the same cores shared
@@ -479,7 +483,8 @@ def processes_table():
     tokens = runs[1][0]["tokens"]
     print(f"device {args.device}, torch {torch.__version__}, gloo/NCCL via torchrun, one thread per process on CPU; "
           f"random Llama w={w}, {args.layers} blocks, r={R}; an update = {args.accum} micro-batches of "
-          f"{args.batch}x{args.seqlen} tokens; median of 2 launches x {args.repeats} updates")
+          f"{args.batch}x{args.seqlen} tokens; median of {args.launches} launches (each: the mean of {args.repeats} "
+          f"updates, the best of {args.prune_repeats} passes)")
     for k in (1, n, "fsdp"):
         print(f"fine-tune tokens/s, {names[k]}: {tokens / med[k]['update']:.0f}")
     for k in (n, "fsdp", "apart"):

@@ -468,7 +468,7 @@ def prune_blocks(model, x, kwargs, sparsities, pruner, nm, dense, damping=None, 
                     _, used[name] = prune_(lin.weight.data, stats[name], sparsities[l], nm)
                 except IllConditionedHessian as e:  # .base: the projection inside a LoRA wrapper
                     used[name] = IllConditionedHessian(f"{pruner}: block {l}, {name.removesuffix('.base')}: {e}")
-            used = from_owners(lins, used)  # several processes: every pruned weight everywhere; raises an error
+            used = from_owners(lins, used, pruner == "wanda")  # several processes: every pruned weight everywhere
             run_block(block, sparse_x, kwargs[l])
         if damping is not None:
             damping.append({name.removesuffix(".base"): d for name, d in used.items()})
@@ -496,8 +496,7 @@ def gram(x, n=None, everyone=lambda c: c):
     this process's rows of K."""
     X, K = x.reshape(len(x), -1), 0
     for c in X.split(max(1, (1 << 21) // (n or len(x))), dim=1):  # chunks of 2M elements
-        c = c.double()
-        K = K + c @ everyone(c).T
+        K = K + c.double() @ everyone(c).double().T  # (gathered in x's dtype: float64 of it is exact)
     return K.cpu()
 
 
@@ -886,12 +885,13 @@ def losa(model, calib_ids, plan, cfg: Settings, dense=None):
 # -----------------------------------------------------------------------------------------------
 # several processes: torchrun --nproc-per-node N losa.py ... [--fsdp]
 #
-# Calibration windows are dealt out as micro-batches are (process k of N holds windows k, k + N, ...), and the
-# pruning pass sums over the processes what it sums over tokens: Wanda's norms (gathered per window, so summed in
-# one process's order) and SparseGPT's H onto the process that prunes the projection (its owner, which sends the
-# pruned weight to all), the reconstruction error's per-channel sums and the RMI Gram matrices everywhere. Fine-
-# tuning takes its share of each update's micro-batches; gradients and loss are summed over the processes, so every
-# update is the single-process update. --compare's scoring deals out its batches and sums their log-likelihoods.
+# Calibration windows are dealt out as micro-batches are (process k of N holds windows k, k + N, ...), and the pruning
+# pass sums over the processes what it sums over tokens: Wanda's norms (gathered per window, so summed in one process's
+# order; every process then prunes alike) and SparseGPT's H onto the process that prunes the projection (its owner,
+# which sends the pruned weight to all), the reconstruction error's per-channel sums and the RMI Gram matrices
+# everywhere. Fine-tuning takes its share of each update's micro-batches; gradients and loss are summed over the
+# processes, so every update is the single-process update. --compare's scoring deals out its batches and sums their
+# log-likelihoods.
 # With --fsdp every block, every other module with its own (untied) weights and the root are sharded by FSDP2 (a
 # process holds 1/N of each parameter's rows); work on whole weights (pruning, merging) runs inside whole(block),
 # and the LoRA stays whole on every process. Outside torchrun none of this does anything.
@@ -978,8 +978,9 @@ def owners(shapes, size):
 
 
 def over_all_windows(sums, counts, lins, windows):
-    """The statistics and token counts of this process's `windows` -> of every process's, on the projection's
-    owner (None on the other processes): a vector's per-window values gathered in window order, a matrix summed."""
+    """The statistics and token counts of this process's `windows` -> of every process's: a vector's per-window
+    values gathered in window order on every process (each prunes with Wanda's norms itself), a matrix summed
+    on the projection's owner (None on the other processes)."""
     rank, size = world()
     if size == 1:
         return sums, counts
@@ -990,25 +991,27 @@ def over_all_windows(sums, counts, lins, windows):
     *tokens, n = (int(v) for v in total.tolist())
     counts = dict(zip(names, tokens))
     owner = owners({name: lins[name].weight.shape for name in names}, size)
-    done = {}  # q, k, v (gate, up) share their input's per-window values: gathered once
+    inputs = {id(s[0]): s for s in sums.values() if isinstance(s, list)}  # q, k, v (gate, up) share one input
+    if inputs:  # every input's per-window values, side by side, in one all-gather
+        parts = all_windows(torch.cat([torch.stack(s) for s in inputs.values()], 1), n)
+        done = dict(zip(inputs, (list(p) for p in parts.split([s[0].numel() for s in inputs.values()], 1))))
     for name, s in sums.items():
         if isinstance(s, list):
-            if id(s[0]) not in done:
-                done[id(s[0])] = list(all_windows(torch.stack(s), n))
-            s = done[id(s[0])]
+            sums[name] = done[id(s[0])]
         else:
             dist.reduce(s, owner[name])
-        sums[name] = s if rank == owner[name] else None
+            sums[name] = s if rank == owner[name] else None
     return sums, counts
 
 
-def from_owners(lins, used):
+def from_owners(lins, used, everywhere=False):
     """{projection: SparseGPT's damping, None (Wanda) or an error} of the projections this process pruned ->
     of all of them, with each pruned weight sent from its owner to every process; the first error, of any
-    process, is raised on every one."""
+    process, is raised on every one. `everywhere`: every process pruned every projection (Wanda, with the
+    gathered norms), so there is nothing to send."""
     rank, size = world()
     everyone = [used]
-    if size > 1:
+    if size > 1 and not everywhere:
         everyone = [None] * size
         dist.all_gather_object(everyone, {n: str(v) if isinstance(v, Exception) else v for n, v in used.items()})
     result = {}
@@ -1017,7 +1020,7 @@ def from_owners(lins, used):
         result[name] = everyone[owner][name]
         if isinstance(result[name], (Exception, str)):
             raise IllConditionedHessian(str(result[name]))
-        if size > 1:
+        if size > 1 and not everywhere:
             dist.broadcast(lin.weight.data, owner)
     return result
 

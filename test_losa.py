@@ -2009,8 +2009,8 @@ import losa
 
 masks, windows, from_owners, capture = {}, [], losa.from_owners, losa.capture_block_inputs
 
-def recorded(lins, used):
-    result, call = from_owners(lins, used), len(masks) // len(lins)
+def recorded(lins, used, *everywhere):
+    result, call = from_owners(lins, used, *everywhere), len(masks) // len(lins)
     for name, lin in lins.items():
         masks[f"{call}.{name}"] = (lin.weight != 0).contiguous()
     return result
@@ -2028,7 +2028,8 @@ save_file(masks, f"{sys.argv[2]}.{losa.world()[0]}.safetensors", metadata=dict(w
 
 def recorded_runs(tmp, flags, runs):
     """runs: (processes, folder, extra flags) -> per folder (the zero patterns of rank 0, the windows of each
-    rank), each run checked to succeed."""
+    rank), each run checked to succeed and every rank's patterns checked equal to rank 0's (each process
+    goes on from the same whole weights: the owner's, or, with Wanda, the ones every process pruned itself)."""
     from safetensors import safe_open
 
     (tmp / "record.py").write_text(RECORD)
@@ -2037,6 +2038,9 @@ def recorded_runs(tmp, flags, runs):
         run = processes(n, [HERE, tmp / f"{out}-masks", *flags, *extra, "--out", tmp / out], tmp / "record.py")
         assert run.returncode == 0, run.stderr[-3000:]
         files = [safe_open(tmp / f"{out}-masks.{rank}.safetensors", "pt") for rank in range(n)]
+        for f in files[1:]:
+            assert f.keys() == files[0].keys()
+            assert all(torch.equal(f.get_tensor(k), files[0].get_tensor(k)) for k in f.keys()), out
         seen[out] = ({k: files[0].get_tensor(k) for k in files[0].keys()},
                      [json.loads(f.metadata()["windows"]) for f in files])
     return seen
