@@ -383,7 +383,7 @@ PRUNERS = {
 @torch.no_grad()
 def input_statistics(block, x, kwargs, statistic, scale, out=None):
     """Run the block over x with hooks on its projections -> name -> scale * token mean of statistic (several
-    processes: over every process's windows; None where another process prunes the projection, see owners).
+    processes: over every process's windows; a matrix is None where another process prunes with it, see owners).
     A buffer `out` (shaped as x) receives the block's outputs. A vector statistic (Wanda's) is kept per window
     and summed in window order, an order several processes keep exactly; a matrix (SparseGPT's H) is summed
     as the windows come."""
